@@ -1,0 +1,338 @@
+//! What the admin commands print: the JSON shapes (a stable contract for
+//! scripts and tests, so mapped field by field here rather than derived from
+//! the generated proto types) and the human layout.
+
+use serde::Serialize;
+use trireme_proto::v1::{GetNodeResponse, Replica, Volume};
+
+use crate::size::{bytes_and_human, human_size};
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct VolumeJson {
+    pub name: String,
+    pub id: String,
+    pub size_bytes: u64,
+    pub replica_count: u32,
+    pub leader: u64,
+    pub replicas: Vec<ReplicaJson>,
+    pub open_sessions: u32,
+    pub created_at_unix_s: u64,
+    pub durability: String,
+    pub allocated_bytes: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReplicaJson {
+    pub node_id: u64,
+    pub role: String,
+    pub state: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeListJson {
+    pub volumes: Vec<VolumeJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeletedJson<'a> {
+    pub deleted: &'a str,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct NodeJson {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub nbd_address: String,
+    pub nbd_unix_socket: String,
+    pub version: String,
+    pub uptime_s: u64,
+}
+
+impl From<&Replica> for ReplicaJson {
+    fn from(r: &Replica) -> Self {
+        Self {
+            node_id: r.node_id,
+            role: r.role.clone(),
+            state: r.state.clone(),
+        }
+    }
+}
+
+impl From<&Volume> for VolumeJson {
+    fn from(v: &Volume) -> Self {
+        Self {
+            name: v.name.clone(),
+            id: v.id.clone(),
+            size_bytes: v.size_bytes,
+            replica_count: v.replica_count,
+            leader: v.leader,
+            replicas: v.replicas.iter().map(ReplicaJson::from).collect(),
+            open_sessions: v.open_sessions,
+            created_at_unix_s: v.created_at_unix_s,
+            durability: v.durability.clone(),
+            allocated_bytes: v.allocated_bytes,
+        }
+    }
+}
+
+impl From<&GetNodeResponse> for NodeJson {
+    fn from(n: &GetNodeResponse) -> Self {
+        Self {
+            node_id: n.node_id,
+            cluster_id: n.cluster_id.clone(),
+            nbd_address: n.nbd_address.clone(),
+            nbd_unix_socket: n.nbd_unix_socket.clone(),
+            version: n.version.clone(),
+            uptime_s: n.uptime_s,
+        }
+    }
+}
+
+/// One line, so a script can read exactly one line per command.
+pub fn json_line<T: Serialize>(value: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(value)?)
+}
+
+/// `key: value` lines with the values aligned in one column.
+fn key_values(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (key, value) in rows {
+        out.push_str(&format!("{:<width$} {value}\n", format!("{key}:")));
+    }
+    out
+}
+
+/// Left-aligned columns separated by two spaces; no trailing spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn leader_text(leader: u64) -> String {
+    if leader == 0 {
+        "none".to_owned()
+    } else {
+        format!("node {leader}")
+    }
+}
+
+pub fn volume_human(v: &Volume) -> String {
+    let mut out = key_values(&[
+        ("name", v.name.clone()),
+        ("id", v.id.clone()),
+        ("size", bytes_and_human(v.size_bytes)),
+        ("replicas", v.replica_count.to_string()),
+        ("leader", leader_text(v.leader)),
+        ("durability", v.durability.clone()),
+        ("open sessions", v.open_sessions.to_string()),
+        ("allocated", bytes_and_human(v.allocated_bytes)),
+        ("created", unix_time_human(v.created_at_unix_s)),
+    ]);
+    if !v.replicas.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = v
+            .replicas
+            .iter()
+            .map(|r| vec![r.node_id.to_string(), r.role.clone(), r.state.clone()])
+            .collect();
+        out.push_str(&table(&["NODE", "ROLE", "STATE"], &rows));
+    }
+    out
+}
+
+pub fn volume_list_human(volumes: &[Volume]) -> String {
+    if volumes.is_empty() {
+        return "no volumes\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                human_size(v.size_bytes),
+                v.replica_count.to_string(),
+                leader_text(v.leader),
+                v.open_sessions.to_string(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "SIZE", "REPLICAS", "LEADER", "SESSIONS"], &rows)
+}
+
+pub fn node_human(n: &GetNodeResponse) -> String {
+    let unix_socket = if n.nbd_unix_socket.is_empty() {
+        "disabled".to_owned()
+    } else {
+        n.nbd_unix_socket.clone()
+    };
+    key_values(&[
+        ("node id", n.node_id.to_string()),
+        ("cluster id", n.cluster_id.clone()),
+        ("nbd address", n.nbd_address.clone()),
+        ("nbd unix socket", unix_socket),
+        ("version", n.version.clone()),
+        ("uptime", format!("{} s", n.uptime_s)),
+    ])
+}
+
+/// "2024-03-01 12:00:00 UTC"; UTC because the CLI may run far from the node
+/// and a fixed zone keeps output comparable.
+fn unix_time_human(unix_s: u64) -> String {
+    if unix_s == 0 {
+        return "unknown".to_owned();
+    }
+    let days = unix_s / 86_400;
+    let secs = unix_s % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// algorithm), to avoid a date crate for one line of output.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_volume() -> Volume {
+        Volume {
+            name: "vol0".into(),
+            id: "00ab".into(),
+            size_bytes: 1 << 30,
+            replica_count: 1,
+            leader: 1,
+            replicas: vec![Replica {
+                node_id: 1,
+                role: "leader".into(),
+                state: "healthy".into(),
+            }],
+            open_sessions: 2,
+            created_at_unix_s: 1_709_294_400,
+            durability: "local-fsync".into(),
+            allocated_bytes: 8192,
+        }
+    }
+
+    #[test]
+    fn volume_json_has_exactly_the_contract_keys() {
+        let value = serde_json::to_value(VolumeJson::from(&sample_volume())).expect("serialize");
+        let want = serde_json::json!({
+            "name": "vol0",
+            "id": "00ab",
+            "size_bytes": 1073741824u64,
+            "replica_count": 1,
+            "leader": 1,
+            "replicas": [{"node_id": 1, "role": "leader", "state": "healthy"}],
+            "open_sessions": 2,
+            "created_at_unix_s": 1709294400u64,
+            "durability": "local-fsync",
+            "allocated_bytes": 8192,
+        });
+        assert_eq!(value, want);
+    }
+
+    #[test]
+    fn list_delete_and_node_json() {
+        let list = VolumeListJson {
+            volumes: vec![VolumeJson::from(&sample_volume())],
+        };
+        let line = json_line(&list).expect("serialize");
+        assert!(!line.contains('\n'));
+        let value: serde_json::Value = serde_json::from_str(&line).expect("parse");
+        assert_eq!(value["volumes"][0]["name"], "vol0");
+        assert_eq!(value.as_object().map(|o| o.len()), Some(1));
+
+        let line = json_line(&DeletedJson { deleted: "vol0" }).expect("serialize");
+        assert_eq!(line, r#"{"deleted":"vol0"}"#);
+
+        let node = GetNodeResponse {
+            node_id: 3,
+            cluster_id: "dev".into(),
+            nbd_address: "127.0.0.1:10801".into(),
+            nbd_unix_socket: String::new(),
+            version: "0.1.0".into(),
+            uptime_s: 42,
+        };
+        let value = serde_json::to_value(NodeJson::from(&node)).expect("serialize");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "node_id": 3,
+                "cluster_id": "dev",
+                "nbd_address": "127.0.0.1:10801",
+                "nbd_unix_socket": "",
+                "version": "0.1.0",
+                "uptime_s": 42,
+            })
+        );
+    }
+
+    #[test]
+    fn human_volume_info() {
+        let text = volume_human(&sample_volume());
+        assert!(text.contains("size:          1073741824 (1.0 GiB)\n"), "{text}");
+        assert!(text.contains("open sessions: 2\n"), "{text}");
+        assert!(text.contains("created:       2024-03-01 12:00:00 UTC\n"), "{text}");
+        assert!(text.contains("NODE  ROLE    STATE\n1     leader  healthy\n"), "{text}");
+    }
+
+    #[test]
+    fn human_volume_list() {
+        let mut big = sample_volume();
+        big.name = "a-longer-name".into();
+        big.leader = 0;
+        let text = volume_list_human(&[sample_volume(), big]);
+        assert_eq!(
+            text,
+            "NAME           SIZE     REPLICAS  LEADER  SESSIONS\n\
+             vol0           1.0 GiB  1         node 1  2\n\
+             a-longer-name  1.0 GiB  1         none    2\n"
+        );
+        assert_eq!(volume_list_human(&[]), "no volumes\n");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(unix_time_human(86_399), "1970-01-01 23:59:59 UTC");
+        assert_eq!(unix_time_human(0), "unknown");
+    }
+}

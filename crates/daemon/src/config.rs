@@ -1,0 +1,324 @@
+//! triremed's configuration: a TOML file, overridden by command-line flags,
+//! validated as a whole before anything starts. Every refusal names the
+//! field and the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{DaemonError, Result};
+
+/// Longest Unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id, >= 1, unique in the cluster.
+    pub node_id: u64,
+    /// Cluster name; a data dir created for one cluster refuses another.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Where the node keeps node.toml, volumes/ and (later) raft-log/.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub nbd: NbdConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// How long SIGTERM waits for NBD sessions to finish in-flight requests.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    #[serde(default = "default_nbd_listen")]
+    pub listen: String,
+    /// Unix socket for consumers on this host: nbd+unix:///VOLUME?socket=PATH.
+    #[serde(default)]
+    pub unix_socket: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_inflight_requests")]
+    pub max_inflight_requests_per_connection: usize,
+    #[serde(default = "default_max_inflight_bytes")]
+    pub max_inflight_bytes_per_connection: usize,
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// gRPC admin API address.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus /metrics address; no endpoint when unset.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+fn default_cluster_id() -> String {
+    "trireme".into()
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+fn default_nbd_listen() -> String {
+    "127.0.0.1:10809".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:7100".into()
+}
+fn default_max_connections() -> usize {
+    256
+}
+fn default_max_inflight_requests() -> usize {
+    128
+}
+fn default_max_inflight_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_handshake_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: default_nbd_listen(),
+            unix_socket: None,
+            max_connections: default_max_connections(),
+            max_inflight_requests_per_connection: default_max_inflight_requests(),
+            max_inflight_bytes_per_connection: default_max_inflight_bytes(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// Values given on the command line; each replaces the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub node_id: Option<u64>,
+    pub cluster_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub nbd_listen: Option<String>,
+    pub nbd_unix_socket: Option<PathBuf>,
+    pub admin_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+}
+
+impl Config {
+    /// Reads the file (if any), applies the flags, validates the result.
+    pub fn load(path: Option<&Path>, o: &Overrides) -> Result<Config> {
+        let source = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(command line)".into());
+        let err = |reason: String| DaemonError::Config {
+            path: source.clone(),
+            reason,
+        };
+        let mut c = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| err(format!("cannot read: {e}")))?;
+                toml::from_str::<Config>(&text).map_err(|e| err(e.to_string().trim_end().to_string()))?
+            }
+            None => {
+                let node_id = o
+                    .node_id
+                    .ok_or_else(|| err("missing field `node_id` (give --config or --node-id)".into()))?;
+                let data_dir = o
+                    .data_dir
+                    .clone()
+                    .ok_or_else(|| err("missing field `data_dir` (give --config or --data-dir)".into()))?;
+                Config {
+                    node_id,
+                    cluster_id: default_cluster_id(),
+                    data_dir,
+                    nbd: NbdConfig::default(),
+                    admin: AdminConfig::default(),
+                    metrics: MetricsConfig::default(),
+                    shutdown_timeout_ms: default_shutdown_timeout_ms(),
+                }
+            }
+        };
+        if let Some(v) = o.node_id {
+            c.node_id = v;
+        }
+        if let Some(v) = &o.cluster_id {
+            c.cluster_id = v.clone();
+        }
+        if let Some(v) = &o.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &o.nbd_listen {
+            c.nbd.listen = v.clone();
+        }
+        if let Some(v) = &o.nbd_unix_socket {
+            c.nbd.unix_socket = Some(v.clone());
+        }
+        if let Some(v) = &o.admin_listen {
+            c.admin.listen = v.clone();
+        }
+        if let Some(v) = &o.metrics_listen {
+            c.metrics.listen = Some(v.clone());
+        }
+        c.validate().map_err(err)?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node_id must be at least 1".into());
+        }
+        if self.cluster_id.is_empty()
+            || self.cluster_id.len() > 64
+            || !self
+                .cluster_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(format!(
+                "cluster_id \"{}\" must be 1-64 characters of [A-Za-z0-9._-]",
+                self.cluster_id
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir must not be empty".into());
+        }
+        parse_addr("nbd.listen", &self.nbd.listen)?;
+        parse_addr("admin.listen", &self.admin.listen)?;
+        if let Some(m) = &self.metrics.listen {
+            parse_addr("metrics.listen", m)?;
+        }
+        if let Some(s) = &self.nbd.unix_socket {
+            let n = s.as_os_str().len();
+            if n == 0 || n > MAX_UNIX_SOCKET_PATH_BYTES {
+                return Err(format!(
+                    "nbd.unix_socket \"{}\" is {n} bytes; it must be 1-{MAX_UNIX_SOCKET_PATH_BYTES}",
+                    s.display()
+                ));
+            }
+        }
+        if self.nbd.max_connections == 0 || self.nbd.max_connections > 65_536 {
+            return Err(format!(
+                "nbd.max_connections {} must be 1-65536",
+                self.nbd.max_connections
+            ));
+        }
+        if self.nbd.max_inflight_requests_per_connection == 0 || self.nbd.max_inflight_requests_per_connection > 4096 {
+            return Err(format!(
+                "nbd.max_inflight_requests_per_connection {} must be 1-4096",
+                self.nbd.max_inflight_requests_per_connection
+            ));
+        }
+        let min_bytes = trireme_nbd::codec::MAX_PAYLOAD_BYTES as usize;
+        if self.nbd.max_inflight_bytes_per_connection < min_bytes
+            || self.nbd.max_inflight_bytes_per_connection > 1 << 32
+        {
+            return Err(format!(
+                "nbd.max_inflight_bytes_per_connection {} must be {min_bytes} (one maximum payload) to 4294967296",
+                self.nbd.max_inflight_bytes_per_connection
+            ));
+        }
+        if self.nbd.handshake_timeout_ms == 0 {
+            return Err("nbd.handshake_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn nbd_addr(&self) -> SocketAddr {
+        parse_addr("nbd.listen", &self.nbd.listen).expect("validated in Config::load")
+    }
+    pub fn admin_addr(&self) -> SocketAddr {
+        parse_addr("admin.listen", &self.admin.listen).expect("validated in Config::load")
+    }
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .listen
+            .as_deref()
+            .map(|m| parse_addr("metrics.listen", m).expect("validated in Config::load"))
+    }
+}
+
+fn parse_addr(field: &str, value: &str) -> std::result::Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{field} \"{value}\" is not an IP:port address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<Config> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, text).expect("write");
+        Config::load(Some(&p), &Overrides::default())
+    }
+
+    #[test]
+    fn a_minimal_file_gets_defaults() {
+        let c = load_str("node_id = 3\ndata_dir = \"/tmp/x\"\n").expect("valid");
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.nbd.listen, "127.0.0.1:10809");
+        assert_eq!(c.admin.listen, "127.0.0.1:7100");
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let cases = [
+            ("data_dir = \"/x\"\n", "node_id"),
+            ("node_id = 1\n", "data_dir"),
+            ("node_id = \"one\"\ndata_dir = \"/x\"\n", "node_id"),
+            ("node_id = 0\ndata_dir = \"/x\"\n", "node_id"),
+            ("node_id = 1\ndata_dir = \"/x\"\nbogus = 2\n", "bogus"),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[nbd]\nlisten = \"nowhere\"\n",
+                "nbd.listen",
+            ),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[nbd]\nmax_connections = 0\n",
+                "nbd.max_connections",
+            ),
+            ("node_id = 1\ndata_dir = \"/x\"\ncluster_id = \"a b\"\n", "cluster_id"),
+            ("node_id = [\n", "TOML"),
+        ];
+        for (text, field) in cases {
+            let e = load_str(text).expect_err(text).to_string();
+            assert!(e.contains(field), "error for {text:?} should name {field}: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, "node_id = 1\ndata_dir = \"/x\"\n").expect("write");
+        let o = Overrides {
+            node_id: Some(7),
+            nbd_listen: Some("127.0.0.1:1".into()),
+            ..Overrides::default()
+        };
+        let c = Config::load(Some(&p), &o).expect("valid");
+        assert_eq!((c.node_id, c.nbd.listen.as_str()), (7, "127.0.0.1:1"));
+    }
+}

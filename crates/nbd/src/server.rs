@@ -1,0 +1,592 @@
+//! A tokio NBD server: fixed newstyle handshake, then a transmission phase
+//! that keeps many requests in flight per connection and replies as each
+//! completes, matched by handle.
+//!
+//! Per connection there is one reader (this task), one task per request, and
+//! one writer task that serialises replies. Bounds: connections per server,
+//! requests and bytes in flight per connection, option count and size in
+//! the handshake, and a handshake deadline.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::codec::{self, ClientOption, Errno, Request, SessionLimits, opt, rep, tflag};
+use crate::{BlockDevice, DeviceError, ExportRegistry, OpenedExport};
+
+/// Transmission flags every export advertises. CAN_MULTI_CONN is truthful
+/// because [`BlockDevice::flush`] covers writes acknowledged on any session.
+pub const TRANSMISSION_FLAGS: u16 = tflag::HAS_FLAGS
+    | tflag::SEND_FLUSH
+    | tflag::SEND_FUA
+    | tflag::SEND_TRIM
+    | tflag::SEND_WRITE_ZEROES
+    | tflag::CAN_MULTI_CONN
+    | tflag::SEND_CACHE
+    | tflag::SEND_FAST_ZERO;
+
+/// Option payloads longer than this are not even skipped: the client is
+/// hung up on (proto.md allows a hard disconnect for denial-of-service sizes).
+const MAX_SKIPPABLE_OPTION_BYTES: u32 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Open connections across all listeners; more are accepted and closed.
+    pub max_connections: usize,
+    /// Requests in flight per connection before the reader stops reading.
+    pub max_inflight_requests_per_connection: usize,
+    /// Payload bytes (write data, read buffers) in flight per connection.
+    /// At least one maximum payload.
+    pub max_inflight_bytes_per_connection: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout_ms: u64,
+    /// Options a client may send in one handshake.
+    pub max_options_per_handshake: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 256,
+            max_inflight_requests_per_connection: 128,
+            max_inflight_bytes_per_connection: 64 * 1024 * 1024,
+            handshake_timeout_ms: 30_000,
+            max_options_per_handshake: 64,
+        }
+    }
+}
+
+/// Why a connection ended early; logged, never sent.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionEnd {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Frame(#[from] codec::FrameError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub struct Server<R: ExportRegistry> {
+    registry: Arc<R>,
+    config: ServerConfig,
+    connections: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+struct Reply {
+    handle: u64,
+    /// READ offset, for the structured OFFSET_DATA chunk.
+    offset: u64,
+    result: Result<Option<Bytes>, DeviceError>,
+    /// Held until the reply is on the wire, so in-flight bounds include
+    /// replies waiting to be written.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+impl<R: ExportRegistry> Server<R> {
+    /// `shutdown` turning `true` stops the listeners; sessions finish the
+    /// requests already read, send their replies, and close.
+    pub fn new(registry: Arc<R>, mut config: ServerConfig, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        config.max_inflight_bytes_per_connection = config
+            .max_inflight_bytes_per_connection
+            .max(codec::MAX_PAYLOAD_BYTES as usize);
+        config.max_inflight_requests_per_connection = config.max_inflight_requests_per_connection.max(1);
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        Arc::new(Server {
+            registry,
+            config,
+            connections,
+            shutdown,
+        })
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.config.max_connections - self.connections.available_permits()
+    }
+
+    /// Waits until every connection has closed, or the timeout passes;
+    /// returns whether all closed.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let all = self.config.max_connections as u32;
+        tokio::time::timeout(timeout, self.connections.acquire_many(all))
+            .await
+            .is_ok()
+    }
+
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        match self.connections.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                warn!(
+                    max = self.config.max_connections,
+                    "NBD connection limit reached; closing new connection"
+                );
+                metrics::counter!("trireme_nbd_connections_refused_total").increment(1);
+                None
+            }
+        }
+    }
+
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let Some(permit) = self.admit() else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.serve_connection(stream, peer.to_string()).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => accept_error_pause(e).await,
+            }
+        }
+    }
+
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let Some(permit) = self.admit() else { continue };
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.serve_connection(stream, "unix".to_string()).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => accept_error_pause(e).await,
+            }
+        }
+    }
+
+    /// Runs one connection to its end. Public so tests and other transports
+    /// can hand in any byte stream.
+    pub async fn serve_connection<S>(&self, mut stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        metrics::gauge!("trireme_nbd_connections").increment(1.0);
+        let timeout = Duration::from_millis(self.config.handshake_timeout_ms);
+        let mut shutdown = self.shutdown.clone();
+        let negotiated = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => Ok(None),
+            r = tokio::time::timeout(timeout, self.handshake(&mut stream)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(ConnectionEnd::Refused(format!("handshake not finished within {timeout:?}"))),
+            },
+        };
+        match negotiated {
+            Ok(Some((export, structured))) => {
+                info!(%peer, export = %export.info.name, structured, "NBD session open");
+                let name = export.info.name.clone();
+                match self.transmission(stream, export, structured).await {
+                    Ok(()) => info!(%peer, export = %name, "NBD session closed"),
+                    Err(e) => info!(%peer, export = %name, "NBD session ended: {e}"),
+                }
+            }
+            Ok(None) => debug!(%peer, "NBD handshake ended without a session"),
+            Err(e) => warn!(%peer, "NBD handshake failed: {e}"),
+        }
+        metrics::gauge!("trireme_nbd_connections").decrement(1.0);
+    }
+
+    async fn handshake<S>(&self, s: &mut S) -> Result<Option<(OpenedExport<R::Device>, bool)>, ConnectionEnd>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut out = BytesMut::with_capacity(256);
+        codec::encode_server_greeting(&mut out);
+        s.write_all(&out).await?;
+        let mut cf = [0u8; 4];
+        s.read_exact(&mut cf).await?;
+        let client =
+            codec::parse_client_flags(&cf)?.ok_or_else(|| ConnectionEnd::Refused("short client flags".into()))?;
+        let mut structured = false;
+        for _ in 0..self.config.max_options_per_handshake {
+            let mut oh = [0u8; codec::OPTION_HEADER_LEN];
+            s.read_exact(&mut oh).await?;
+            let h =
+                codec::parse_option_header(&oh)?.ok_or_else(|| ConnectionEnd::Refused("short option header".into()))?;
+            out.clear();
+            if h.length > codec::MAX_OPTION_DATA_BYTES {
+                if h.length > MAX_SKIPPABLE_OPTION_BYTES {
+                    return Err(ConnectionEnd::Refused(format!("option data of {} bytes", h.length)));
+                }
+                tokio::io::copy(&mut (&mut *s).take(u64::from(h.length)), &mut tokio::io::sink()).await?;
+                let msg = format!(
+                    "option data of {} bytes exceeds {}",
+                    h.length,
+                    codec::MAX_OPTION_DATA_BYTES
+                );
+                codec::encode_option_reply(&mut out, h.option, rep::ERR_TOO_BIG, msg.as_bytes());
+                s.write_all(&out).await?;
+                continue;
+            }
+            let mut data = vec![0u8; h.length as usize];
+            s.read_exact(&mut data).await?;
+            let parsed = match codec::parse_option(h.option, &data) {
+                Ok(o) => o,
+                Err(invalid) => {
+                    codec::encode_option_reply(&mut out, h.option, rep::ERR_INVALID, invalid.0.as_bytes());
+                    s.write_all(&out).await?;
+                    continue;
+                }
+            };
+            match parsed {
+                ClientOption::ExportName(name) => {
+                    // No error reply exists for EXPORT_NAME: the spec says terminate.
+                    let export = self.registry.open(&name).map_err(ConnectionEnd::Refused)?;
+                    codec::encode_export_name_reply(
+                        &mut out,
+                        export.info.size_bytes,
+                        TRANSMISSION_FLAGS,
+                        client.no_zeroes,
+                    );
+                    s.write_all(&out).await?;
+                    return Ok(Some((export, structured)));
+                }
+                ClientOption::Abort => {
+                    codec::encode_option_reply(&mut out, h.option, rep::ACK, &[]);
+                    // The client may already have closed; the ACK is best effort.
+                    let _ = s.write_all(&out).await;
+                    return Ok(None);
+                }
+                ClientOption::List => {
+                    for e in self.registry.list() {
+                        codec::encode_rep_server(&mut out, &e.name, &e.description);
+                    }
+                    codec::encode_option_reply(&mut out, h.option, rep::ACK, &[]);
+                }
+                ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
+                    let go = h.option == opt::GO;
+                    let opened = if go {
+                        self.registry.open(&name).map(Some)
+                    } else {
+                        self.registry
+                            .describe(&name)
+                            .map(|_| None)
+                            .ok_or_else(|| format!("export \"{name}\" not found"))
+                    };
+                    let opened = match opened {
+                        Ok(o) => o,
+                        Err(msg) => {
+                            codec::encode_option_reply(&mut out, h.option, rep::ERR_UNKNOWN, msg.as_bytes());
+                            s.write_all(&out).await?;
+                            continue;
+                        }
+                    };
+                    let info = match (&opened, self.registry.describe(&name)) {
+                        (Some(o), _) => o.info.clone(),
+                        (None, Some(i)) => i,
+                        (None, None) => {
+                            let msg = format!("export \"{name}\" not found");
+                            codec::encode_option_reply(&mut out, h.option, rep::ERR_UNKNOWN, msg.as_bytes());
+                            s.write_all(&out).await?;
+                            continue;
+                        }
+                    };
+                    codec::encode_info_export(&mut out, h.option, info.size_bytes, TRANSMISSION_FLAGS);
+                    if requests.contains(&codec::info::NAME) {
+                        codec::encode_info_text(&mut out, h.option, codec::info::NAME, &info.name);
+                    }
+                    if requests.contains(&codec::info::DESCRIPTION) {
+                        codec::encode_info_text(&mut out, h.option, codec::info::DESCRIPTION, &info.description);
+                    }
+                    codec::encode_info_block_size(&mut out, h.option);
+                    codec::encode_option_reply(&mut out, h.option, rep::ACK, &[]);
+                    s.write_all(&out).await?;
+                    if let Some(export) = opened {
+                        return Ok(Some((export, structured)));
+                    }
+                    continue;
+                }
+                ClientOption::StructuredReply => {
+                    structured = true;
+                    codec::encode_option_reply(&mut out, h.option, rep::ACK, &[]);
+                }
+                ClientOption::StartTls => {
+                    let msg = "TLS is not supported by this server";
+                    codec::encode_option_reply(&mut out, h.option, rep::ERR_UNSUP, msg.as_bytes());
+                }
+                ClientOption::ListMetaContext | ClientOption::SetMetaContext => {
+                    let msg = "metadata contexts (block status) are not supported";
+                    codec::encode_option_reply(&mut out, h.option, rep::ERR_UNSUP, msg.as_bytes());
+                }
+                ClientOption::ExtendedHeaders => {
+                    let msg = "extended headers are not supported";
+                    codec::encode_option_reply(&mut out, h.option, rep::ERR_UNSUP, msg.as_bytes());
+                }
+                ClientOption::Unknown(n) => {
+                    let msg = format!("option {n} is not supported");
+                    codec::encode_option_reply(&mut out, h.option, rep::ERR_UNSUP, msg.as_bytes());
+                }
+            }
+            s.write_all(&out).await?;
+        }
+        Err(ConnectionEnd::Refused(format!(
+            "more than {} options in one handshake",
+            self.config.max_options_per_handshake
+        )))
+    }
+
+    async fn transmission<S>(
+        &self,
+        stream: S,
+        export: OpenedExport<R::Device>,
+        structured: bool,
+    ) -> Result<(), ConnectionEnd>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = SessionLimits {
+            export_size_bytes: export.info.size_bytes,
+            structured_replies: structured,
+        };
+        let (rd, wr) = tokio::io::split(stream);
+        let mut rd = BufReader::with_capacity(128 * 1024, rd);
+        let (tx, rx) = mpsc::channel::<Reply>(self.config.max_inflight_requests_per_connection + 4);
+        let writer = tokio::spawn(write_replies(wr, rx, structured));
+        let requests = Arc::new(Semaphore::new(self.config.max_inflight_requests_per_connection));
+        let bytes = Arc::new(Semaphore::new(self.config.max_inflight_bytes_per_connection));
+        let mut shutdown = self.shutdown.clone();
+        let mut revoked = export.revoked.clone();
+        let device = export.device;
+        let mut header = [0u8; codec::REQUEST_HEADER_LEN];
+        let outcome: Result<(), ConnectionEnd> = loop {
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                _ = revoked.wait_for(|r| *r) => break Err(ConnectionEnd::Refused("export revoked".into())),
+                r = rd.read_exact(&mut header) => r,
+            };
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
+            let h = match codec::parse_request_header(&header) {
+                Ok(Some(h)) => h,
+                Ok(None) => break Err(ConnectionEnd::Refused("short request header".into())),
+                Err(e) => break Err(e.into()),
+            };
+            let request = match codec::validate_request(&h, &limits) {
+                Ok(r) => r,
+                Err(refused) => {
+                    metrics::counter!("trireme_nbd_requests_refused_total").increment(1);
+                    debug!(handle = h.handle, "request refused: {}", refused.message);
+                    if refused.skip_payload_bytes > 0 {
+                        let want = u64::from(refused.skip_payload_bytes);
+                        match tokio::io::copy(&mut (&mut rd).take(want), &mut tokio::io::sink()).await {
+                            Ok(n) if n == want => {}
+                            Ok(_) => break Ok(()),
+                            Err(e) => break Err(e.into()),
+                        }
+                    }
+                    let reply = Reply {
+                        handle: h.handle,
+                        offset: h.offset,
+                        result: Err(DeviceError::new(refused.errno, refused.message)),
+                        _permits: None,
+                    };
+                    if tx.send(reply).await.is_err() {
+                        break Ok(());
+                    }
+                    if refused.disconnect {
+                        break Err(ConnectionEnd::Refused("payload too large to skip".into()));
+                    }
+                    continue;
+                }
+            };
+            if request == Request::Disconnect {
+                break Ok(());
+            }
+            let cost = match request {
+                Request::Read { length, .. } | Request::Write { length, .. } => length.max(1),
+                _ => 1,
+            };
+            let (Ok(rp), Ok(bp)) = (
+                requests.clone().acquire_owned().await,
+                bytes.clone().acquire_many_owned(cost).await,
+            ) else {
+                break Ok(());
+            };
+            let payload = if let Request::Write { length, .. } = request {
+                let mut buf = BytesMut::zeroed(length as usize);
+                // A client that hangs up mid-payload loses this write, and only this write.
+                if let Err(e) = rd.read_exact(&mut buf).await {
+                    break Err(e.into());
+                }
+                buf.freeze()
+            } else {
+                Bytes::new()
+            };
+            let device = device.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = execute(&*device, request, payload).await;
+                let reply = Reply {
+                    handle: h.handle,
+                    offset: h.offset,
+                    result,
+                    _permits: Some((rp, bp)),
+                };
+                // The writer only goes away when the client is gone.
+                let _ = tx.send(reply).await;
+            });
+        };
+        drop(tx);
+        // Every request already read gets its reply before the socket closes.
+        match writer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("writing replies stopped: {e}"),
+            Err(e) => warn!("reply writer failed: {e}"),
+        }
+        outcome
+    }
+}
+
+async fn accept_error_pause(e: io::Error) {
+    // Usually EMFILE: back off briefly instead of spinning on accept.
+    warn!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn command_name(r: &Request) -> &'static str {
+    match r {
+        Request::Read { .. } => "read",
+        Request::Write { .. } => "write",
+        Request::Disconnect => "disc",
+        Request::Flush => "flush",
+        Request::Trim { .. } => "trim",
+        Request::Cache { .. } => "cache",
+        Request::WriteZeroes { .. } => "write_zeroes",
+    }
+}
+
+async fn execute<D: BlockDevice>(device: &D, request: Request, payload: Bytes) -> Result<Option<Bytes>, DeviceError> {
+    metrics::counter!("trireme_nbd_requests_total", "command" => command_name(&request)).increment(1);
+    // Zero-length requests are "unspecified" in the spec; treat them as no-ops.
+    let result = match request {
+        Request::Read { length: 0, .. } => Ok(None),
+        Request::Read { offset, length } => {
+            let data = device.read(offset, length).await?;
+            if data.len() != length as usize {
+                return Err(DeviceError::new(
+                    Errno::Io,
+                    format!("device returned {} bytes for a {length}-byte read", data.len()),
+                ));
+            }
+            metrics::counter!("trireme_nbd_read_bytes_total").increment(u64::from(length));
+            Ok(Some(data))
+        }
+        Request::Write { length: 0, .. } => Ok(None),
+        Request::Write { offset, length, fua } => {
+            device.write(offset, payload, fua).await?;
+            metrics::counter!("trireme_nbd_write_bytes_total").increment(u64::from(length));
+            Ok(None)
+        }
+        Request::Flush => device.flush().await.map(|()| None),
+        Request::Trim { length: 0, .. } | Request::WriteZeroes { length: 0, .. } => Ok(None),
+        Request::Trim { offset, length, fua } => device.trim(offset, length, fua).await.map(|()| None),
+        Request::Cache { offset, length } => device.cache(offset, length).await.map(|()| None),
+        Request::WriteZeroes {
+            offset,
+            length,
+            may_trim,
+            fast_only,
+            fua,
+        } => device
+            .write_zeroes(offset, length, may_trim, fast_only, fua)
+            .await
+            .map(|()| None),
+        Request::Disconnect => Ok(None),
+    };
+    if let Err(e) = &result {
+        metrics::counter!("trireme_nbd_request_errors_total", "command" => command_name(&request)).increment(1);
+        debug!("{} failed: {e}", command_name(&request));
+    }
+    result
+}
+
+async fn write_replies<W>(wr: W, mut rx: mpsc::Receiver<Reply>, structured: bool) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut w = BufWriter::with_capacity(256 * 1024, wr);
+    let mut head = BytesMut::with_capacity(4096 + 64);
+    let mut failed: Option<io::Error> = None;
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            if failed.is_none() {
+                if let Err(e) = write_one(&mut w, &mut head, reply, structured).await {
+                    failed = Some(e);
+                }
+            }
+            // Coalesce whatever is ready into one flush.
+            next = rx.try_recv().ok();
+        }
+        if failed.is_none() {
+            if let Err(e) = w.flush().await {
+                failed = Some(e);
+            }
+        }
+        // After a write error the client is gone; keep draining so request
+        // tasks never block on a full channel.
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => w.shutdown().await,
+    }
+}
+
+async fn write_one<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    head: &mut BytesMut,
+    reply: Reply,
+    structured: bool,
+) -> io::Result<()> {
+    head.clear();
+    match reply.result {
+        Ok(data) => {
+            match (&data, structured) {
+                (Some(d), true) => {
+                    codec::encode_structured_read_header(head, reply.handle, reply.offset, d.len() as u32)
+                }
+                (None, true) => codec::encode_structured_done(head, reply.handle),
+                (_, false) => codec::encode_simple_reply(head, reply.handle, 0),
+            }
+            w.write_all(head).await?;
+            if let Some(d) = data {
+                w.write_all(&d).await?;
+            }
+        }
+        Err(e) => {
+            if structured {
+                codec::encode_structured_error(head, reply.handle, e.errno, &e.message);
+            } else {
+                codec::encode_simple_reply(head, reply.handle, e.errno.as_u32());
+            }
+            w.write_all(head).await?;
+        }
+    }
+    Ok(())
+}
