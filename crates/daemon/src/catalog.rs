@@ -61,7 +61,7 @@ pub fn validate_size(field: &str, size_bytes: u64) -> Result<()> {
     if size_bytes == 0 {
         return Err(DaemonError::InvalidArgument(format!("{field} must be positive")));
     }
-    if size_bytes % VOLUME_BLOCK_BYTES != 0 {
+    if !size_bytes.is_multiple_of(VOLUME_BLOCK_BYTES) {
         return Err(DaemonError::InvalidArgument(format!(
             "{field} {size_bytes} is not a multiple of {VOLUME_BLOCK_BYTES}"
         )));

@@ -309,6 +309,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/triremed.toml");
+        let c = Config::load(Some(&p), &Overrides::default()).expect("deploy/triremed.toml must stay valid");
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9100"));
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("t.toml");

@@ -138,7 +138,7 @@ impl<R: ExportRegistry> Server<R> {
         let mut shutdown = self.shutdown.clone();
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = raised(&mut shutdown) => break,
                 a = listener.accept() => a,
             };
             match accepted {
@@ -160,7 +160,7 @@ impl<R: ExportRegistry> Server<R> {
         let mut shutdown = self.shutdown.clone();
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break,
+                _ = raised(&mut shutdown) => break,
                 a = listener.accept() => a,
             };
             match accepted {
@@ -187,7 +187,7 @@ impl<R: ExportRegistry> Server<R> {
         let timeout = Duration::from_millis(self.config.handshake_timeout_ms);
         let mut shutdown = self.shutdown.clone();
         let negotiated = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => Ok(None),
+            _ = raised(&mut shutdown) => Ok(None),
             r = tokio::time::timeout(timeout, self.handshake(&mut stream)) => match r {
                 Ok(r) => r,
                 Err(_) => Err(ConnectionEnd::Refused(format!("handshake not finished within {timeout:?}"))),
@@ -373,8 +373,8 @@ impl<R: ExportRegistry> Server<R> {
         let outcome: Result<(), ConnectionEnd> = loop {
             let read = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => break Ok(()),
-                _ = revoked.wait_for(|r| *r) => break Err(ConnectionEnd::Refused("export revoked".into())),
+                _ = raised(&mut shutdown) => break Ok(()),
+                _ = raised(&mut revoked) => break Err(ConnectionEnd::Refused("export revoked".into())),
                 r = rd.read_exact(&mut header) => r,
             };
             match read {
@@ -463,6 +463,14 @@ impl<R: ExportRegistry> Server<R> {
     }
 }
 
+/// Resolves once the flag is `true`; a flag whose sender is gone can never
+/// be raised, so it then pends forever instead of firing.
+async fn raised(flag: &mut watch::Receiver<bool>) {
+    if flag.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn accept_error_pause(e: io::Error) {
     // Usually EMFILE: back off briefly instead of spinning on accept.
     warn!("accept failed: {e}");
@@ -536,18 +544,18 @@ where
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next.take() {
-            if failed.is_none() {
-                if let Err(e) = write_one(&mut w, &mut head, reply, structured).await {
-                    failed = Some(e);
-                }
+            if failed.is_none()
+                && let Err(e) = write_one(&mut w, &mut head, reply, structured).await
+            {
+                failed = Some(e);
             }
             // Coalesce whatever is ready into one flush.
             next = rx.try_recv().ok();
         }
-        if failed.is_none() {
-            if let Err(e) = w.flush().await {
-                failed = Some(e);
-            }
+        if failed.is_none()
+            && let Err(e) = w.flush().await
+        {
+            failed = Some(e);
         }
         // After a write error the client is gone; keep draining so request
         // tasks never block on a full channel.
@@ -589,4 +597,116 @@ async fn write_one<W: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{RequestHeader, cmd, encode_request_header};
+    use crate::{ExportInfo, OpenedExport};
+    use bytes::BufMut;
+
+    /// Reads at offset 0 take 200 ms, everything else is instant, so a
+    /// pipelining server must answer the later requests first.
+    struct SlowAtZero;
+
+    impl BlockDevice for SlowAtZero {
+        async fn read(&self, offset: u64, length: u32) -> crate::DeviceResult<Bytes> {
+            if offset == 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Bytes::from(vec![offset as u8; length as usize]))
+        }
+        async fn write(&self, _: u64, _: Bytes, _: bool) -> crate::DeviceResult<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u32, _: bool, _: bool, _: bool) -> crate::DeviceResult<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u32, _: bool) -> crate::DeviceResult<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> crate::DeviceResult<()> {
+            Ok(())
+        }
+    }
+
+    struct OneExport;
+    impl ExportRegistry for OneExport {
+        type Device = SlowAtZero;
+        fn list(&self) -> Vec<ExportInfo> {
+            self.describe("v").into_iter().collect()
+        }
+        fn describe(&self, name: &str) -> Option<ExportInfo> {
+            (name == "v").then(|| ExportInfo {
+                name: "v".into(),
+                description: String::new(),
+                size_bytes: 1 << 20,
+            })
+        }
+        fn open(&self, name: &str) -> Result<OpenedExport<SlowAtZero>, String> {
+            let info = self.describe(name).ok_or("no such export")?;
+            let (_tx, revoked) = watch::channel(false);
+            Ok(OpenedExport {
+                info,
+                device: Arc::new(SlowAtZero),
+                revoked,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_leave_as_requests_complete_matched_by_handle() {
+        // proto.md "Transmission phase": replies need not be in request order.
+        let (_stop, shutdown) = watch::channel(false);
+        let server = Server::new(Arc::new(OneExport), ServerConfig::default(), shutdown);
+        let (mut client, server_end) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(async move { server.serve_connection(server_end, "test".into()).await });
+
+        let mut greeting = [0u8; 18];
+        client.read_exact(&mut greeting).await.unwrap();
+        let mut out = BytesMut::new();
+        out.put_u32(codec::FLAG_C_FIXED_NEWSTYLE | codec::FLAG_C_NO_ZEROES);
+        out.put_u64(codec::IHAVEOPT);
+        out.put_u32(opt::EXPORT_NAME);
+        out.put_u32(1);
+        out.put_u8(b'v');
+        client.write_all(&out).await.unwrap();
+        let mut export = [0u8; 10];
+        client.read_exact(&mut export).await.unwrap();
+        assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 1 << 20);
+
+        let mut reqs = BytesMut::new();
+        for (handle, offset) in [(1u64, 0u64), (2, 4096), (3, 8192)] {
+            let h = RequestHeader {
+                flags: 0,
+                command: cmd::READ,
+                handle,
+                offset,
+                length: 16,
+            };
+            encode_request_header(&mut reqs, &h);
+        }
+        client.write_all(&reqs).await.unwrap();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let mut reply = [0u8; codec::SIMPLE_REPLY_LEN + 16];
+            client.read_exact(&mut reply).await.unwrap();
+            assert_eq!(&reply[4..8], &[0, 0, 0, 0], "no error");
+            let handle = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+            let expected_byte = match handle {
+                1 => 0u8,
+                2 => 4096u64 as u8,
+                _ => 8192u64 as u8,
+            };
+            assert!(
+                reply[16..].iter().all(|b| *b == expected_byte),
+                "data matches handle {handle}"
+            );
+            order.push(handle);
+        }
+        assert_eq!(order.last(), Some(&1), "the slow request is answered last: {order:?}");
+        drop(client);
+        task.await.unwrap();
+    }
 }

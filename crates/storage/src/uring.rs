@@ -54,6 +54,8 @@ struct Op {
 
 struct Shared {
     wake: OwnedFd,
+    /// fdatasyncs issued, to show group commit at work (syncs asked > this).
+    fdatasyncs: Arc<AtomicU64>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -70,10 +72,10 @@ impl Drop for Shared {
         // Every sender is gone by now (IoEngine drops `tx` before `shared`),
         // so once woken the thread sees the channel closed and winds down.
         wake(&self.wake);
-        if let Ok(mut t) = self.thread.lock() {
-            if let Some(t) = t.take() {
-                let _ = t.join();
-            }
+        if let Ok(mut t) = self.thread.lock()
+            && let Some(t) = t.take()
+        {
+            let _ = t.join();
         }
     }
 }
@@ -99,7 +101,9 @@ impl IoEngine {
         let wake_fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let thread_wake = wake_fd.try_clone().map_err(StorageError::UringSetup)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let fdatasyncs = Arc::new(AtomicU64::new(0));
         let mut worker = Worker {
+            fdatasyncs: fdatasyncs.clone(),
             ring,
             rx,
             wake_fd: thread_wake,
@@ -117,9 +121,15 @@ impl IoEngine {
             .map_err(StorageError::UringSetup)?;
         let shared = Arc::new(Shared {
             wake: wake_fd,
+            fdatasyncs,
             thread: std::sync::Mutex::new(Some(thread)),
         });
         Ok(IoEngine { shared, tx })
+    }
+
+    /// fdatasyncs issued so far, across all files.
+    pub fn fdatasync_count(&self) -> u64 {
+        self.shared.fdatasyncs.load(Ordering::Relaxed)
     }
 
     async fn submit(&self, file: &Arc<File>, file_id: u64, offset: u64, kind: OpKind) -> io::Result<Bytes> {
@@ -164,6 +174,7 @@ struct FileSyncs {
 }
 
 struct Worker {
+    fdatasyncs: Arc<AtomicU64>,
     ring: IoUring,
     rx: mpsc::Receiver<Op>,
     wake_fd: OwnedFd,
@@ -236,10 +247,11 @@ impl Worker {
                 return;
             }
             // Full submission queue: hand it to the kernel and retry.
-            if let Err(err) = self.ring.submit() {
-                if err.raw_os_error() != Some(libc::EBUSY) && err.raw_os_error() != Some(libc::EINTR) {
-                    panic!("io_uring submit failed: {err}");
-                }
+            if let Err(err) = self.ring.submit()
+                && err.raw_os_error() != Some(libc::EBUSY)
+                && err.raw_os_error() != Some(libc::EINTR)
+            {
+                panic!("io_uring submit failed: {err}");
             }
         }
     }
@@ -292,6 +304,7 @@ impl Worker {
         let Some(file) = s.file.as_ref() else { return };
         let fd = types::Fd(file.as_raw_fd());
         s.inflight = Some(std::mem::take(&mut s.pending));
+        self.fdatasyncs.fetch_add(1, Ordering::Relaxed);
         let e = opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build()
@@ -586,7 +599,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_writes_and_syncs_all_complete() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (_e, s) = store(&dir, 64 << 20);
+        let (engine, s) = store(&dir, 64 << 20);
         let s = Arc::new(s);
         let mut tasks = Vec::new();
         // More than MAX_INFLIGHT_OPS at once exercises the queue.
@@ -601,6 +614,9 @@ mod tests {
         for t in tasks {
             t.await.expect("join").expect("write+sync");
         }
+        // Group commit: 400 concurrent syncs must share fdatasyncs.
+        let fsyncs = engine.fdatasync_count();
+        assert!(fsyncs < 400, "{fsyncs} fdatasyncs for 400 concurrent syncs");
         for i in [0u64, 199, 399] {
             let r = s.read(i * 8192, 8192).await.expect("read");
             assert!(r.iter().all(|b| *b == (i % 251) as u8));

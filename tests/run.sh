@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every Trireme test on a fresh machine: installs the system packages the
+# integration tests drive (fio, libnbd-bin, qemu-utils, python3-libnbd) when
+# they are missing, then checks formatting and lints, builds the binaries the
+# tests start, and runs the unit and integration tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v fio >/dev/null || missing+=(fio)
+command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || missing+=(libnbd-bin)
+command -v qemu-io >/dev/null && command -v qemu-img >/dev/null || missing+=(qemu-utils)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || missing+=(python3-libnbd)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (the binaries the integration tests start)"
+cargo build --workspace --bins --locked
+echo "== tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
