@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""fio (nbd engine) against triremed and against `nbdkit file`, in one run, on one disk.
+
+Usage: python3 benches/fio_compare.py [--runtime-s 10] [--dir DIR] [--json OUT] [--quick]
+
+Builds release binaries, starts a 1-node dev cluster and an nbdkit file server on a raw
+file in the same directory, runs each workload against both, and prints IOPS, MiB/s, mean and
+p99 latency, and Trireme's ratio to the baseline. A job whose fio JSON reports a non-zero
+`error` fails the run instead of printing a figure. This is a benchmark, not a test: nothing
+here asserts a speed.
+
+Workloads (fio 3.33's nbd engine rejects --fdatasync, so W1 uses --fsync=1, which sends an
+NBD FLUSH after every write):
+  W1  4k randwrite, iodepth 1, --fsync=1   (durable QD1 latency)
+  W2  4k randwrite, iodepth 32
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKLOADS = [
+    ("W1 4k randwrite QD1 fsync=1", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"]),
+    ("W2 4k randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+]
+
+
+def wait_port(host, port, deadline_s=30):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {host}:{port} after {deadline_s}s")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_fio(uri, args, runtime_s, size):
+    cmd = [
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
+        "--time_based", f"--runtime={runtime_s}", "--ramp_time=1", "--norandommap",
+        "--randrepeat=0", "--output-format=json", *args,
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime_s + 120)
+    out = p.stdout
+    # The nbd engine prints "fio: connected to NBD server" on stdout before the JSON.
+    start = out.find("{")
+    if p.returncode != 0 or start < 0:
+        raise SystemExit(f"fio failed ({p.returncode}): {p.stderr[-2000:]}")
+    job = json.loads(out[start:])["jobs"][0]
+    if job["error"] != 0:
+        raise SystemExit(f"fio job reported error {job['error']} for {uri} {args}")
+    w = job["write"]
+    return {
+        "iops": w["iops"],
+        "mib_s": w["bw_bytes"] / (1 << 20),
+        "mean_us": w["lat_ns"]["mean"] / 1000,
+        "p99_us": w["clat_ns"]["percentile"].get("99.000000", 0) / 1000,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime-s", type=int, default=10)
+    ap.add_argument("--dir", default=None, help="where images live (default: a temp dir under the repo's target/)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench-results", "fio_compare.json"))
+    ap.add_argument("--quick", action="store_true", help="2 s per workload, for CI")
+    a = ap.parse_args()
+    runtime = 2 if a.quick else a.runtime_s
+    size = "256m"
+
+    subprocess.run(["cargo", "build", "--release", "--bins", "--locked"], cwd=ROOT, check=True)
+    base = a.dir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "target"))
+    os.makedirs(base, exist_ok=True)
+    procs = []
+    try:
+        dev_dir = os.path.join(base, "trireme")
+        shutil.rmtree(dev_dir, ignore_errors=True)
+        base_port = 27000
+        dev = subprocess.Popen(
+            [os.path.join(ROOT, "target/release/trireme"), "dev", "up", "--nodes", "1", "--data-dir", dev_dir,
+             "--base-port", str(base_port), "--volume-size", "1GiB"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(dev)
+        line = dev.stdout.readline()
+        if not line:
+            raise SystemExit("trireme dev up exited before it was ready")
+        trireme_uri = json.loads(line)["nbd_uri"]
+
+        raw = os.path.join(base, "nbdkit.raw")
+        with open(raw, "wb") as f:
+            f.truncate(1 << 30)
+        nbdkit_port = free_port()
+        nk = subprocess.Popen(["nbdkit", "--foreground", "--exit-with-parent", "-p", str(nbdkit_port),
+                               "-i", "127.0.0.1", "file", raw], stderr=subprocess.DEVNULL)
+        procs.append(nk)
+        wait_port("127.0.0.1", nbdkit_port)
+        nbdkit_uri = f"nbd://127.0.0.1:{nbdkit_port}/"
+
+        results = []
+        for name, args in WORKLOADS:
+            row = {"workload": name}
+            for target, uri in (("triremed", trireme_uri), ("nbdkit-file", nbdkit_uri)):
+                row[target] = run_fio(uri, args, runtime, size)
+            row["ratio_iops"] = row["triremed"]["iops"] / max(row["nbdkit-file"]["iops"], 1e-9)
+            results.append(row)
+
+        print(f"\nfio --ioengine=nbd, {runtime} s per job, data in {base}\n")
+        print(f"| workload | target | IOPS | MiB/s | mean lat (us) | p99 lat (us) | triremed / nbdkit |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in results:
+            for target in ("triremed", "nbdkit-file"):
+                m = r[target]
+                ratio = f"{r['ratio_iops']:.2f}x" if target == "triremed" else ""
+                print(f"| {r['workload']} | {target} | {m['iops']:,.0f} | {m['mib_s']:.1f} | "
+                      f"{m['mean_us']:.0f} | {m['p99_us']:.0f} | {ratio} |")
+        os.makedirs(os.path.dirname(a.json), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"runtime_s": runtime, "time": time.time(), "results": results}, f, indent=2)
+        print(f"\nresults written to {a.json}")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if a.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
