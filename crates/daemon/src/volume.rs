@@ -107,12 +107,21 @@ impl<S: BlockStore> Volume<S> {
 
     /// Makes everything written so far durable, or fails the volume.
     async fn commit(&self) -> DeviceResult<()> {
-        if let Err(e) = self.store.sync().await {
-            self.failed.store(true, Ordering::SeqCst);
-            error!(volume = %self.meta().name, "fdatasync failed, volume stopped: {e}");
-            return Err(to_device_error(e));
+        let r = self.store.sync().await;
+        self.checked(r)
+    }
+
+    /// Passes a storage result on; a failed fdatasync also fails the volume.
+    fn checked(&self, r: Result<(), StorageError>) -> DeviceResult<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e @ StorageError::Sync(_)) => {
+                self.failed.store(true, Ordering::SeqCst);
+                error!(volume = %self.meta().name, "fdatasync failed, volume stopped: {e}");
+                Err(to_device_error(e))
+            }
+            Err(e) => Err(to_device_error(e)),
         }
-        Ok(())
     }
 }
 
@@ -153,8 +162,8 @@ impl<S: BlockStore> BlockDevice for VolumeSession<S> {
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> DeviceResult<()> {
         // Every write is durable before its reply, so FUA needs nothing more.
         self.volume.check_usable()?;
-        self.volume.store.write(offset, data).await.map_err(to_device_error)?;
-        self.volume.commit().await
+        let r = self.volume.store.write_durable(offset, data).await;
+        self.volume.checked(r)
     }
 
     async fn write_zeroes(
@@ -258,6 +267,28 @@ mod tests {
         assert!(s.write(0, Bytes::from_static(b"y"), false).await.is_err());
         assert!(s.flush().await.is_err());
         assert!(v.is_failed());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_reported_but_leaves_the_volume_usable() {
+        // Unlike a failed fdatasync, a failed write (EIO, ENOSPC) breaks no promise already made.
+        let (store, faults) = FaultyStore::new(MemStore::new());
+        faults.writes_before_failure.store(0, Ordering::SeqCst);
+        let v = Volume::new(meta(), store);
+        let (s, _) = v.open_session();
+        assert_eq!(
+            s.write(0, Bytes::from_static(b"x"), false)
+                .await
+                .expect_err("write fails")
+                .errno,
+            Errno::Io
+        );
+        assert!(!v.is_failed());
+        faults.writes_before_failure.store(-1, Ordering::SeqCst);
+        s.write(0, Bytes::from_static(b"y"), false)
+            .await
+            .expect("writes work again");
+        assert_eq!(&s.read(0, 1).await.expect("read")[..], b"y");
     }
 
     #[tokio::test]

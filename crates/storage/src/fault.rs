@@ -10,6 +10,16 @@ use bytes::Bytes;
 
 use crate::{BlockStore, Result, StorageError, ZeroMode};
 
+/// Injected failures look exactly like the kernel's: EIO from the same step.
+fn eio(op: &'static str, offset: u64, length: u64) -> StorageError {
+    StorageError::Io {
+        op,
+        offset,
+        length,
+        source: std::io::Error::from_raw_os_error(libc::EIO),
+    }
+}
+
 /// Shared switches; tests keep a clone and flip them while I/O runs.
 #[derive(Debug)]
 pub struct Faults {
@@ -74,28 +84,28 @@ impl<S: BlockStore> FaultyStore<S> {
 impl<S: BlockStore> BlockStore for FaultyStore<S> {
     async fn read(&self, offset: u64, length: usize) -> Result<Bytes> {
         if self.faults.fail_reads.load(Ordering::SeqCst) {
-            return Err(StorageError::Injected("read error"));
+            return Err(eio("read", offset, length as u64));
         }
         self.inner.read(offset, length).await
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         if !self.faults.write_allowed() {
-            return Err(StorageError::Injected("write error"));
+            return Err(eio("write", offset, data.len() as u64));
         }
         self.inner.write(offset, data).await
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<()> {
         if !self.faults.write_allowed() {
-            return Err(StorageError::Injected("write error"));
+            return Err(eio("fallocate", offset, length));
         }
         self.inner.write_zeroes(offset, length, mode).await
     }
 
     async fn sync(&self) -> Result<()> {
         if self.faults.sync_fails() {
-            return Err(StorageError::Injected("fdatasync error"));
+            return Err(StorageError::Sync(std::io::Error::from_raw_os_error(libc::EIO)));
         }
         self.inner.sync().await
     }

@@ -54,8 +54,6 @@ pub enum StorageError {
     },
     #[error("state file {path}: {reason}")]
     StateFile { path: PathBuf, reason: String },
-    #[error("injected fault: {0}")]
-    Injected(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -76,6 +74,15 @@ pub enum ZeroMode {
 pub trait BlockStore: Send + Sync + 'static {
     fn read(&self, offset: u64, length: usize) -> impl Future<Output = Result<Bytes>> + Send;
     fn write(&self, offset: u64, data: Bytes) -> impl Future<Output = Result<()>> + Send;
+    /// Writes and makes the write durable (a group-committed fdatasync)
+    /// before returning. A failed fdatasync is [`StorageError::Sync`]: after
+    /// it the caller can no longer trust the store's durability.
+    fn write_durable(&self, offset: u64, data: Bytes) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            self.write(offset, data).await?;
+            self.sync().await
+        }
+    }
     /// May fail with [`StorageError::Unsupported`] when the filesystem can't
     /// zero without writing; the caller then writes zeroes itself.
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> impl Future<Output = Result<()>> + Send;

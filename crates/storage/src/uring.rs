@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -38,9 +38,19 @@ const SYNC_TOKEN_BIT: u64 = 1 << 62;
 static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
 
 enum OpKind {
-    Read { length: usize },
-    Write { data: Bytes },
-    Fallocate { mode: i32, length: u64 },
+    Read {
+        length: usize,
+    },
+    /// `sync_after`: once written, join the file's next fdatasync before
+    /// replying, without a round trip back to the caller.
+    Write {
+        data: Bytes,
+        sync_after: bool,
+    },
+    Fallocate {
+        mode: i32,
+        length: u64,
+    },
     Sync,
 }
 
@@ -49,13 +59,39 @@ struct Op {
     file_id: u64,
     offset: u64,
     kind: OpKind,
-    reply: oneshot::Sender<io::Result<Bytes>>,
+    reply: oneshot::Sender<std::result::Result<Bytes, OpError>>,
+}
+
+/// Which step of an operation failed: only a failed fdatasync means data
+/// the caller was promised may be gone.
+#[derive(Debug)]
+enum OpError {
+    Op(io::Error),
+    Sync(io::Error),
+}
+
+impl OpError {
+    fn into_storage(self, op: &'static str, offset: u64, length: u64) -> StorageError {
+        match self {
+            OpError::Op(source) => StorageError::Io {
+                op,
+                offset,
+                length,
+                source,
+            },
+            OpError::Sync(source) => StorageError::Sync(source),
+        }
+    }
 }
 
 struct Shared {
     wake: OwnedFd,
     /// fdatasyncs issued, to show group commit at work (syncs asked > this).
     fdatasyncs: Arc<AtomicU64>,
+    /// The I/O thread is (about to be) blocked in the kernel: a sender must
+    /// write the eventfd to wake it. While it is awake, senders skip that
+    /// syscall; the thread looks at the channel again before it blocks.
+    sleeping: Arc<AtomicBool>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -102,8 +138,10 @@ impl IoEngine {
         let thread_wake = wake_fd.try_clone().map_err(StorageError::UringSetup)?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let fdatasyncs = Arc::new(AtomicU64::new(0));
+        let sleeping = Arc::new(AtomicBool::new(false));
         let mut worker = Worker {
             fdatasyncs: fdatasyncs.clone(),
+            sleeping: sleeping.clone(),
             ring,
             rx,
             wake_fd: thread_wake,
@@ -122,6 +160,7 @@ impl IoEngine {
         let shared = Arc::new(Shared {
             wake: wake_fd,
             fdatasyncs,
+            sleeping,
             thread: std::sync::Mutex::new(Some(thread)),
         });
         Ok(IoEngine { shared, tx })
@@ -132,7 +171,13 @@ impl IoEngine {
         self.shared.fdatasyncs.load(Ordering::Relaxed)
     }
 
-    async fn submit(&self, file: &Arc<File>, file_id: u64, offset: u64, kind: OpKind) -> io::Result<Bytes> {
+    async fn submit(
+        &self,
+        file: &Arc<File>,
+        file_id: u64,
+        offset: u64,
+        kind: OpKind,
+    ) -> std::result::Result<Bytes, OpError> {
         let (reply, rx) = oneshot::channel();
         let op = Op {
             file: file.clone(),
@@ -144,23 +189,26 @@ impl IoEngine {
         self.tx
             .send(op)
             .await
-            .map_err(|_| io::Error::other("I/O engine stopped"))?;
-        wake(&self.shared.wake);
+            .map_err(|_| OpError::Op(io::Error::other("I/O engine stopped")))?;
+        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            wake(&self.shared.wake);
+        }
         rx.await
-            .map_err(|_| io::Error::other("I/O engine dropped the request"))?
+            .map_err(|_| OpError::Op(io::Error::other("I/O engine dropped the request")))?
     }
 }
 
 struct Inflight {
     file: Arc<File>,
+    file_id: u64,
     offset: u64,
     kind: InflightKind,
-    reply: oneshot::Sender<io::Result<Bytes>>,
+    reply: oneshot::Sender<std::result::Result<Bytes, OpError>>,
 }
 
 enum InflightKind {
     Read { buf: Vec<u8>, done: usize },
-    Write { data: Bytes, done: usize },
+    Write { data: Bytes, done: usize, sync_after: bool },
     Fallocate { mode: i32, length: u64 },
 }
 
@@ -168,13 +216,14 @@ enum InflightKind {
 struct FileSyncs {
     file: Option<Arc<File>>,
     /// Waiters of the fdatasync in flight, if one is.
-    inflight: Option<Vec<oneshot::Sender<io::Result<Bytes>>>>,
+    inflight: Option<Vec<oneshot::Sender<std::result::Result<Bytes, OpError>>>>,
     /// Waiters that arrived after it was submitted.
-    pending: Vec<oneshot::Sender<io::Result<Bytes>>>,
+    pending: Vec<oneshot::Sender<std::result::Result<Bytes, OpError>>>,
 }
 
 struct Worker {
     fdatasyncs: Arc<AtomicU64>,
+    sleeping: Arc<AtomicBool>,
     ring: IoUring,
     rx: mpsc::Receiver<Op>,
     wake_fd: OwnedFd,
@@ -219,7 +268,16 @@ impl Worker {
                 self.push(e);
                 self.wake_armed = true;
             }
-            match self.ring.submit_and_wait(1) {
+            // Announce the sleep, then look once more: a sender either sees
+            // the flag and writes the eventfd, or its op is seen here.
+            self.sleeping.store(true, Ordering::SeqCst);
+            if !closed && !self.rx.is_empty() {
+                self.sleeping.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let waited = self.ring.submit_and_wait(1);
+            self.sleeping.store(false, Ordering::SeqCst);
+            match waited {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
@@ -271,14 +329,18 @@ impl Worker {
                 buf: vec![0u8; length],
                 done: 0,
             },
-            OpKind::Write { data } => InflightKind::Write { data, done: 0 },
+            OpKind::Write { data, sync_after } => InflightKind::Write {
+                data,
+                done: 0,
+                sync_after,
+            },
             OpKind::Fallocate { mode, length } => InflightKind::Fallocate { mode, length },
         };
         let Some(slot) = self.free.pop() else {
             // Put the op back as it came; it is retried after completions.
             let kind = match kind {
                 InflightKind::Read { buf, .. } => OpKind::Read { length: buf.len() },
-                InflightKind::Write { data, .. } => OpKind::Write { data },
+                InflightKind::Write { data, sync_after, .. } => OpKind::Write { data, sync_after },
                 InflightKind::Fallocate { mode, length } => OpKind::Fallocate { mode, length },
             };
             return Err(Op {
@@ -291,6 +353,7 @@ impl Worker {
         };
         self.slots[slot] = Some(Inflight {
             file: op.file,
+            file_id: op.file_id,
             offset: op.offset,
             kind,
             reply: op.reply,
@@ -324,7 +387,7 @@ impl Worker {
                     .offset(inf.offset + *done as u64)
                     .build()
             }
-            InflightKind::Write { data, done } => {
+            InflightKind::Write { data, done, .. } => {
                 let rest = data.len() - *done;
                 // SAFETY: `done < data.len()`, so the pointer stays inside `data`.
                 let ptr = unsafe { data.as_ptr().add(*done) };
@@ -350,7 +413,7 @@ impl Worker {
             let Some(s) = self.syncs.get_mut(&file_id) else { return };
             for w in s.inflight.take().unwrap_or_default() {
                 let r = if res < 0 {
-                    Err(io::Error::from_raw_os_error(-res))
+                    Err(OpError::Sync(io::Error::from_raw_os_error(-res)))
                 } else {
                     Ok(Bytes::new())
                 };
@@ -383,7 +446,7 @@ impl Worker {
                         None
                     }
                 }
-                InflightKind::Write { data, done } => {
+                InflightKind::Write { data, done, .. } => {
                     *done += n;
                     if n == 0 {
                         Some(Err(io::Error::new(io::ErrorKind::WriteZero, "write made no progress")))
@@ -401,7 +464,17 @@ impl Worker {
             Some(r) => {
                 let inf = self.slots[slot].take().expect("finished slot is occupied");
                 self.free.push(slot);
-                let r = r.map(|()| match inf.kind {
+                if r.is_ok() && matches!(inf.kind, InflightKind::Write { sync_after: true, .. }) {
+                    // Written: now wait for an fdatasync submitted after this point.
+                    let s = self.syncs.entry(inf.file_id).or_default();
+                    s.file.get_or_insert_with(|| inf.file.clone());
+                    s.pending.push(inf.reply);
+                    if s.inflight.is_none() {
+                        self.start_fsync(inf.file_id);
+                    }
+                    return;
+                }
+                let r = r.map_err(OpError::Op).map(|()| match inf.kind {
                     InflightKind::Read { buf, .. } => Bytes::from(buf),
                     _ => Bytes::new(),
                 });
@@ -485,12 +558,7 @@ impl BlockStore for UringStore {
         self.engine
             .submit(&self.file, self.file_id, offset, OpKind::Read { length })
             .await
-            .map_err(|source| StorageError::Io {
-                op: "read",
-                offset,
-                length: length as u64,
-                source,
-            })
+            .map_err(|e| e.into_storage("read", offset, length as u64))
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
@@ -499,15 +567,35 @@ impl BlockStore for UringStore {
         }
         let length = data.len() as u64;
         self.engine
-            .submit(&self.file, self.file_id, offset, OpKind::Write { data })
+            .submit(
+                &self.file,
+                self.file_id,
+                offset,
+                OpKind::Write {
+                    data,
+                    sync_after: false,
+                },
+            )
             .await
             .map(|_| ())
-            .map_err(|source| StorageError::Io {
-                op: "write",
+            .map_err(|e| e.into_storage("write", offset, length))
+    }
+
+    async fn write_durable(&self, offset: u64, data: Bytes) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let length = data.len() as u64;
+        self.engine
+            .submit(
+                &self.file,
+                self.file_id,
                 offset,
-                length,
-                source,
-            })
+                OpKind::Write { data, sync_after: true },
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.into_storage("write", offset, length))
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<()> {
@@ -524,13 +612,10 @@ impl BlockStore for UringStore {
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(StorageError::Unsupported("zero a range")),
-            Err(source) => Err(StorageError::Io {
-                op: "fallocate",
-                offset,
-                length,
-                source,
-            }),
+            Err(OpError::Op(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(StorageError::Unsupported("zero a range"))
+            }
+            Err(e) => Err(e.into_storage("fallocate", offset, length)),
         }
     }
 
@@ -539,7 +624,7 @@ impl BlockStore for UringStore {
             .submit(&self.file, self.file_id, 0, OpKind::Sync)
             .await
             .map(|_| ())
-            .map_err(StorageError::Sync)
+            .map_err(|e| e.into_storage("fdatasync", 0, 0))
     }
 
     async fn grow(&self, size_bytes: u64) -> Result<()> {
