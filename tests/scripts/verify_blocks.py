@@ -12,18 +12,12 @@
 #
 # Must run under /usr/bin/python3 (libnbd's `nbd` module).
 
-import hashlib
 import json
 import sys
 
 import nbd
 
-BLOCK = 4096
-
-
-def block_pattern(index, seed):
-    digest = hashlib.sha256(("%d:%d" % (seed, index)).encode()).digest()
-    return digest * (BLOCK // len(digest))
+from blockpattern import BLOCK, block_pattern
 
 
 def main():

@@ -539,6 +539,18 @@ impl UringStore {
         }
     }
 
+    async fn write_op(&self, offset: u64, data: Bytes, sync_after: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let length = data.len() as u64;
+        self.engine
+            .submit(&self.file, self.file_id, offset, OpKind::Write { data, sync_after })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.into_storage("write", offset, length))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -562,40 +574,11 @@ impl BlockStore for UringStore {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let length = data.len() as u64;
-        self.engine
-            .submit(
-                &self.file,
-                self.file_id,
-                offset,
-                OpKind::Write {
-                    data,
-                    sync_after: false,
-                },
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.into_storage("write", offset, length))
+        self.write_op(offset, data, false).await
     }
 
     async fn write_durable(&self, offset: u64, data: Bytes) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let length = data.len() as u64;
-        self.engine
-            .submit(
-                &self.file,
-                self.file_id,
-                offset,
-                OpKind::Write { data, sync_after: true },
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.into_storage("write", offset, length))
+        self.write_op(offset, data, true).await
     }
 
     async fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<()> {
