@@ -85,6 +85,12 @@ def main():
     runtime = 2 if a.quick else a.runtime_s
     size = "256m"
 
+    missing = [pkg for tool, pkg in (("fio", "fio"), ("nbdkit", "nbdkit")) if shutil.which(tool) is None]
+    if missing:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run(sudo + ["apt-get", "update", "-q"], check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-q", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     subprocess.run(["cargo", "build", "--release", "--bins", "--locked"], cwd=ROOT, check=True)
     base = a.dir or tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "target"))
     os.makedirs(base, exist_ok=True)
