@@ -2,8 +2,9 @@
 //! development and for the acceptance tests, which rely on the exact port
 //! scheme, file layout and JSON line produced here.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,20 +15,33 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
+use tonic::transport::Channel;
 use trireme_proto::v1::node_service_client::NodeServiceClient;
 use trireme_proto::v1::volume_service_client::VolumeServiceClient;
-use trireme_proto::v1::{CreateVolumeRequest, GetNodeRequest, GetVolumeRequest};
+use trireme_proto::v1::{CreateVolumeRequest, GetNodeRequest, GetVolumeRequest, Volume};
 
 use crate::admin::{self, status_error};
 use crate::size::human_size;
 
 pub const DEFAULT_BASE_PORT: u16 = 7100;
 pub const VOLUME_NAME: &str = "vol0";
+/// Most nodes `dev up` starts: keeps every port range (P+i, P+200+i, ...)
+/// clear of the next one.
+pub const MAX_NODES: u32 = 9;
 const CLUSTER_ID: &str = "dev";
 const HOST: &str = "127.0.0.1";
 const NBD_PORT_OFFSET: u32 = 3700;
 const METRICS_PORT_OFFSET: u32 = 200;
+const PEER_PORT_OFFSET: u32 = 300;
+/// In DIR: the cluster's shared peer secret, made once and reused so nodes
+/// restarted from their argv (or by a re-run) still trust each other.
+const SECRET_FILE: &str = "cluster.secret";
+/// Random bytes in a generated secret (hex-encoded: twice as many chars).
+const SECRET_BYTES: usize = 16;
+/// triremed refuses shorter secrets in a multi-node cluster.
+const MIN_SECRET_CHARS: usize = 16;
 const READY_DEADLINE: Duration = Duration::from_secs(30);
+const LEADER_DEADLINE: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Short, because a local listener that is up answers at once and a poll
 /// must not outlast the readiness deadline by much.
@@ -54,6 +68,7 @@ pub struct NodePorts {
     pub admin: u16,
     pub nbd: u16,
     pub metrics: u16,
+    pub peer: u16,
 }
 
 /// The port scheme; `None` if any port of any of the `nodes` nodes would
@@ -69,6 +84,7 @@ pub fn node_ports(base_port: u16, nodes: u32, id: u32) -> Option<NodePorts> {
         admin: port(0)?,
         nbd: port(NBD_PORT_OFFSET)?,
         metrics: port(METRICS_PORT_OFFSET)?,
+        peer: port(PEER_PORT_OFFSET)?,
     })
 }
 
@@ -79,6 +95,7 @@ struct NodePlan {
     admin: String,
     nbd: String,
     metrics: String,
+    peer: String,
     dir: String,
     data_dir: String,
     config: String,
@@ -96,6 +113,7 @@ impl NodePlan {
             admin: format!("{HOST}:{}", ports.admin),
             nbd: format!("{HOST}:{}", ports.nbd),
             metrics: format!("{HOST}:{}", ports.metrics),
+            peer: format!("{HOST}:{}", ports.peer),
             data_dir: format!("{dir}/data"),
             unix_socket: format!("{dir}/nbd.sock"),
             log: format!("{dir}/triremed.log"),
@@ -105,8 +123,9 @@ impl NodePlan {
         }
     }
 
-    fn config_toml(&self) -> String {
-        format!(
+    /// `cluster` is every node of the cluster, this one included.
+    fn config_toml(&self, secret: &str, cluster: &[NodePlan]) -> String {
+        let mut out = format!(
             "node_id = {id}\n\
              cluster_id = {cluster}\n\
              data_dir = {data_dir}\n\
@@ -119,7 +138,11 @@ impl NodePlan {
              listen = {admin}\n\
              \n\
              [metrics]\n\
-             listen = {metrics}\n",
+             listen = {metrics}\n\
+             \n\
+             [cluster]\n\
+             secret = {secret}\n\
+             peer_listen = {peer}\n",
             id = self.id,
             cluster = toml_string(CLUSTER_ID),
             data_dir = toml_string(&self.data_dir),
@@ -127,7 +150,17 @@ impl NodePlan {
             unix_socket = toml_string(&self.unix_socket),
             admin = toml_string(&self.admin),
             metrics = toml_string(&self.metrics),
-        )
+            secret = toml_string(secret),
+            peer = toml_string(&self.peer),
+        );
+        for node in cluster {
+            out.push_str(&format!(
+                "\n[[cluster.nodes]]\nid = {}\npeer = {}\n",
+                node.id,
+                toml_string(&node.peer)
+            ));
+        }
+        out
     }
 }
 
@@ -280,13 +313,8 @@ fn describe_exit(status: ExitStatus) -> String {
 /// Runs `trireme dev up` until SIGINT/SIGTERM. Returns Ok once the nodes
 /// are stopped after a signal.
 pub async fn up(args: DevUpArgs) -> anyhow::Result<()> {
-    // Replication is not there yet; everything below is already written for
-    // N nodes so lifting this check is all that will be needed.
-    if args.nodes != 1 {
-        bail!(
-            "--nodes {}: only 1 node is supported until replication lands",
-            args.nodes
-        );
+    if !(1..=MAX_NODES).contains(&args.nodes) {
+        bail!("--nodes {}: expected 1 to {MAX_NODES}", args.nodes);
     }
     let ports: Vec<NodePorts> = (1..=args.nodes)
         .map(|id| node_ports(args.base_port, args.nodes, id))
@@ -308,6 +336,7 @@ pub async fn up(args: DevUpArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot resolve --data-dir {}", args.data_dir.display()))?,
         "--data-dir",
     )?;
+    let secret = cluster_secret(Path::new(&root))?;
 
     let plans: Vec<NodePlan> = (1..=args.nodes)
         .zip(&ports)
@@ -321,12 +350,12 @@ pub async fn up(args: DevUpArgs) -> anyhow::Result<()> {
 
     let mut cluster = Cluster { nodes: Vec::new() };
     let started = tokio::select! {
-        result = start(&mut cluster, &plans, args.volume_size_bytes) => Some(result),
+        result = start(&mut cluster, &plans, &secret, args.volume_size_bytes) => Some(result),
         _ = sigint.recv() => None,
         _ = sigterm.recv() => None,
     };
-    match started {
-        Some(Ok(())) => {}
+    let volume = match started {
+        Some(Ok(volume)) => volume,
         Some(Err(e)) => {
             cluster.stop().await;
             return Err(e);
@@ -336,9 +365,9 @@ pub async fn up(args: DevUpArgs) -> anyhow::Result<()> {
             cluster.stop().await;
             bail!("interrupted before the cluster was ready");
         }
-    }
+    };
 
-    print_ready(&cluster, args.volume_size_bytes)?;
+    print_ready(&cluster, &volume)?;
 
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -360,24 +389,96 @@ pub async fn up(args: DevUpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start(cluster: &mut Cluster, plans: &[NodePlan], size_bytes: u64) -> anyhow::Result<()> {
+/// Starts every node, waits for all of them, then makes sure vol0 exists and
+/// has a leader; returns vol0 as node 1 last saw it.
+async fn start(cluster: &mut Cluster, plans: &[NodePlan], secret: &str, size_bytes: u64) -> anyhow::Result<Volume> {
+    // All first: a replicated node may wait for its peers before it is ready.
     for plan in plans {
-        let node = spawn(plan)?;
+        let node = spawn(plan, secret, plans)?;
         cluster.nodes.push(node);
     }
     for node in &mut cluster.nodes {
         wait_ready(node).await?;
     }
-    let first = cluster
+    let admin = cluster
         .nodes
         .first()
+        .map(|n| n.plan.admin.clone())
         .ok_or_else(|| anyhow!("no nodes to create {VOLUME_NAME} on"))?;
-    ensure_volume(&first.plan.admin, size_bytes).await
+    let mut client = VolumeServiceClient::new(admin::connect(&admin, admin::CONNECT_TIMEOUT).await?);
+    ensure_volume(&mut client, size_bytes).await?;
+    wait_leader(cluster, &mut client).await
 }
 
-fn spawn(plan: &NodePlan) -> anyhow::Result<RunningNode> {
+/// Writes `contents` readable by the owner only (it may hold the secret),
+/// tightening the mode of a file left by an older run.
+fn write_private(path: &str, contents: &str) -> anyhow::Result<()> {
+    let write = || -> std::io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        file.set_permissions(Permissions::from_mode(0o600))?;
+        file.write_all(contents.as_bytes())
+    };
+    write().with_context(|| format!("cannot write {path}"))
+}
+
+/// The secret in DIR/cluster.secret, generated (mode 0600) on first use.
+fn cluster_secret(root: &Path) -> anyhow::Result<String> {
+    let path = root.join(SECRET_FILE);
+    let shown = path.display();
+    match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        Ok(mut file) => {
+            let secret = random_hex(SECRET_BYTES)?;
+            let written = writeln!(file, "{secret}").and_then(|()| file.sync_all());
+            if let Err(e) = written {
+                // A half-written secret would be read back next time.
+                let _ = fs::remove_file(&path);
+                return Err(anyhow!("cannot write {shown}: {e}"));
+            }
+            Ok(secret)
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            let text = fs::read_to_string(&path).with_context(|| format!("cannot read {shown}"))?;
+            let secret = text.trim();
+            if secret.chars().count() < MIN_SECRET_CHARS || !secret.chars().all(|c| c.is_ascii_graphic()) {
+                bail!(
+                    "{shown} does not hold a usable secret (at least {MIN_SECRET_CHARS} printable characters, \
+                     no spaces); delete it to generate a new one"
+                );
+            }
+            let mode = fs::metadata(&path)
+                .with_context(|| format!("cannot read {shown}"))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                fs::set_permissions(&path, Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot make {shown} private"))?;
+            }
+            Ok(secret.to_owned())
+        }
+        Err(e) => Err(anyhow!("cannot create {shown}: {e}")),
+    }
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("cannot read /dev/urandom")?;
+    Ok(hex(&buf))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn spawn(plan: &NodePlan, secret: &str, cluster: &[NodePlan]) -> anyhow::Result<RunningNode> {
     fs::create_dir_all(&plan.data_dir).with_context(|| format!("cannot create {}", plan.data_dir))?;
-    fs::write(&plan.config, plan.config_toml()).with_context(|| format!("cannot write {}", plan.config))?;
+    write_private(&plan.config, &plan.config_toml(secret, cluster))?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -408,28 +509,34 @@ fn spawn(plan: &NodePlan) -> anyhow::Result<RunningNode> {
     })
 }
 
+/// Fails, showing the end of its log, if the node has exited.
+fn check_running(node: &mut RunningNode) -> anyhow::Result<()> {
+    if let Some(child) = node.child.as_mut()
+        && let Some(status) = child.try_wait().context("cannot check node status")?
+    {
+        node.child = None;
+        eprintln!(
+            "node {} (pid {}) {} before the cluster was ready; last {LOG_TAIL_LINES} lines of {}:",
+            node.plan.id,
+            node.pid,
+            describe_exit(status),
+            node.plan.log
+        );
+        eprint!("{}", log_tail(Path::new(&node.plan.log)));
+        bail!(
+            "node {} {} during startup (log: {})",
+            node.plan.id,
+            describe_exit(status),
+            node.plan.log
+        );
+    }
+    Ok(())
+}
+
 async fn wait_ready(node: &mut RunningNode) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if let Some(child) = node.child.as_mut()
-            && let Some(status) = child.try_wait().context("cannot check node status")?
-        {
-            node.child = None;
-            eprintln!(
-                "node {} (pid {}) {} before it was ready; last {LOG_TAIL_LINES} lines of {}:",
-                node.plan.id,
-                node.pid,
-                describe_exit(status),
-                node.plan.log
-            );
-            eprint!("{}", log_tail(Path::new(&node.plan.log)));
-            bail!(
-                "node {} {} during startup (log: {})",
-                node.plan.id,
-                describe_exit(status),
-                node.plan.log
-            );
-        }
+        check_running(node)?;
         match probe(&node.plan.admin).await {
             Ok(node_id) if node_id == u64::from(node.plan.id) => return Ok(()),
             Ok(node_id) => bail!(
@@ -458,10 +565,9 @@ async fn probe(addr: &str) -> anyhow::Result<u64> {
     Ok(reply.into_inner().node_id)
 }
 
-/// Creates vol0, or accepts the one a previous run on the same DIR left
-/// behind if it has the requested size.
-async fn ensure_volume(admin_addr: &str, size_bytes: u64) -> anyhow::Result<()> {
-    let mut client = VolumeServiceClient::new(admin::connect(admin_addr, admin::CONNECT_TIMEOUT).await?);
+/// Creates vol0 (replica count left to the server), or accepts the one a
+/// previous run on the same DIR left behind if it has the requested size.
+async fn ensure_volume(client: &mut VolumeServiceClient<Channel>, size_bytes: u64) -> anyhow::Result<()> {
     let created = client
         .create_volume(CreateVolumeRequest {
             name: VOLUME_NAME.to_owned(),
@@ -495,7 +601,45 @@ async fn ensure_volume(admin_addr: &str, size_bytes: u64) -> anyhow::Result<()> 
     }
 }
 
-fn print_ready(cluster: &Cluster, size_bytes: u64) -> anyhow::Result<()> {
+/// Polls GetVolume on node 1 until vol0 reports a leader, so the volume
+/// takes I/O as soon as the ready line is out.
+async fn wait_leader(cluster: &mut Cluster, client: &mut VolumeServiceClient<Channel>) -> anyhow::Result<Volume> {
+    let start = Instant::now();
+    loop {
+        for node in &mut cluster.nodes {
+            check_running(node)?;
+        }
+        // Bounded by the deadline, so one stuck request cannot outlast it.
+        let remaining = LEADER_DEADLINE.saturating_sub(start.elapsed()).max(POLL_INTERVAL);
+        let request = client.get_volume(GetVolumeRequest {
+            name: VOLUME_NAME.to_owned(),
+        });
+        let last = match tokio::time::timeout(remaining, request).await {
+            Ok(Ok(reply)) => match reply.into_inner().volume {
+                Some(volume) if volume.leader != 0 => return Ok(volume),
+                Some(_) => "no leader yet".to_owned(),
+                None => "triremed answered GetVolume without a volume".to_owned(),
+            },
+            Ok(Err(status)) => format!("{:#}", status_error(status)),
+            Err(_) => "GetVolume timed out".to_owned(),
+        };
+        if start.elapsed() >= LEADER_DEADLINE {
+            bail!(
+                "volume {VOLUME_NAME} has no leader after {} s ({last}); see the logs: {}",
+                LEADER_DEADLINE.as_secs(),
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| n.plan.log.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn print_ready(cluster: &Cluster, volume: &Volume) -> anyhow::Result<()> {
     let first = cluster.nodes.first().ok_or_else(|| anyhow!("no nodes running"))?;
     let nbd_uri = format!("nbd://{}/{VOLUME_NAME}", first.plan.nbd);
     let line = serde_json::to_string(&DevUpJson {
@@ -523,15 +667,17 @@ fn print_ready(cluster: &Cluster, size_bytes: u64) -> anyhow::Result<()> {
     );
     for n in &cluster.nodes {
         eprintln!(
-            "  node {}: pid {}, admin {}, nbd {}, metrics {}, dir {}",
-            n.plan.id, n.pid, n.plan.admin, n.plan.nbd, n.plan.metrics, n.plan.dir
+            "  node {}: pid {}, admin {}, nbd {}, metrics {}, peer {}, dir {}",
+            n.plan.id, n.pid, n.plan.admin, n.plan.nbd, n.plan.metrics, n.plan.peer, n.plan.dir
         );
         eprintln!("          log {}", n.plan.log);
     }
     let (host, port) = first.plan.nbd.rsplit_once(':').unwrap_or((first.plan.nbd.as_str(), ""));
     eprintln!(
-        "volume {VOLUME_NAME} ({}) is ready; attach with one of:",
-        human_size(size_bytes)
+        "volume {VOLUME_NAME} ({}, {} replica(s), leader node {}) is ready; attach with one of:",
+        human_size(volume.size_bytes),
+        volume.replica_count,
+        volume.leader
     );
     eprintln!("  qemu-io -f raw {nbd_uri}");
     eprintln!("  qemu-img info {nbd_uri}");
@@ -618,7 +764,8 @@ mod tests {
             Some(NodePorts {
                 admin: 7101,
                 nbd: 10801,
-                metrics: 7301
+                metrics: 7301,
+                peer: 7401
             })
         );
         assert_eq!(
@@ -626,9 +773,19 @@ mod tests {
             Some(NodePorts {
                 admin: 17103,
                 nbd: 20803,
-                metrics: 17303
+                metrics: 17303,
+                peer: 17403
             })
         );
+        // The largest cluster keeps every range apart.
+        let all: Vec<NodePorts> = (1..=MAX_NODES)
+            .map(|id| node_ports(DEFAULT_BASE_PORT, MAX_NODES, id).expect("ports"))
+            .collect();
+        let mut seen: Vec<u16> = all.iter().flat_map(|p| [p.admin, p.nbd, p.metrics, p.peer]).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 4 * MAX_NODES as usize);
+        assert_eq!(all[8].peer, 7409);
     }
 
     #[test]
@@ -646,29 +803,132 @@ mod tests {
 
     #[test]
     fn plan_layout_and_config() {
-        let ports = node_ports(7100, 1, 1).expect("ports");
-        let plan = NodePlan::new("/abs/DIR", "/abs/path/triremed", ports, 1);
+        let plans: Vec<NodePlan> = (1..=3)
+            .map(|id| {
+                NodePlan::new(
+                    "/abs/DIR",
+                    "/abs/path/triremed",
+                    node_ports(7100, 3, id).expect("ports"),
+                    id,
+                )
+            })
+            .collect();
+        let plan = &plans[1];
         assert_eq!(
             plan.argv,
-            ["/abs/path/triremed", "--config", "/abs/DIR/node-1/triremed.toml"]
+            ["/abs/path/triremed", "--config", "/abs/DIR/node-2/triremed.toml"]
         );
-        assert_eq!(plan.log, "/abs/DIR/node-1/triremed.log");
+        assert_eq!(plan.log, "/abs/DIR/node-2/triremed.log");
         assert_eq!(
-            plan.config_toml(),
-            "node_id = 1\n\
+            plan.config_toml("00112233445566778899aabbccddeeff", &plans),
+            "node_id = 2\n\
              cluster_id = \"dev\"\n\
-             data_dir = \"/abs/DIR/node-1/data\"\n\
+             data_dir = \"/abs/DIR/node-2/data\"\n\
              \n\
              [nbd]\n\
-             listen = \"127.0.0.1:10801\"\n\
-             unix_socket = \"/abs/DIR/node-1/nbd.sock\"\n\
+             listen = \"127.0.0.1:10802\"\n\
+             unix_socket = \"/abs/DIR/node-2/nbd.sock\"\n\
              \n\
              [admin]\n\
-             listen = \"127.0.0.1:7101\"\n\
+             listen = \"127.0.0.1:7102\"\n\
              \n\
              [metrics]\n\
-             listen = \"127.0.0.1:7301\"\n"
+             listen = \"127.0.0.1:7302\"\n\
+             \n\
+             [cluster]\n\
+             secret = \"00112233445566778899aabbccddeeff\"\n\
+             peer_listen = \"127.0.0.1:7402\"\n\
+             \n\
+             [[cluster.nodes]]\n\
+             id = 1\n\
+             peer = \"127.0.0.1:7401\"\n\
+             \n\
+             [[cluster.nodes]]\n\
+             id = 2\n\
+             peer = \"127.0.0.1:7402\"\n\
+             \n\
+             [[cluster.nodes]]\n\
+             id = 3\n\
+             peer = \"127.0.0.1:7403\"\n"
         );
+
+        let single = NodePlan::new("/d", "/t", node_ports(7100, 1, 1).expect("ports"), 1);
+        let text = single.config_toml("s", std::slice::from_ref(&single));
+        assert!(
+            text.ends_with(
+                "[cluster]\nsecret = \"s\"\npeer_listen = \"127.0.0.1:7401\"\n\n\
+                 [[cluster.nodes]]\nid = 1\npeer = \"127.0.0.1:7401\"\n"
+            ),
+            "{text}"
+        );
+    }
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir().join(format!("trireme-cli-{tag}-{}-{nanos}", std::process::id()));
+            fs::create_dir_all(&dir).expect("create temp dir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn secret_is_made_once_private_and_reused() {
+        let dir = TempDir::new("secret");
+        let secret = cluster_secret(&dir.0).expect("generate");
+        assert_eq!(secret.len(), 2 * SECRET_BYTES);
+        assert!(
+            secret.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{secret}"
+        );
+        let path = dir.0.join(SECRET_FILE);
+        let mode = fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(fs::read_to_string(&path).expect("read"), format!("{secret}\n"));
+        assert_eq!(cluster_secret(&dir.0).expect("reuse"), secret);
+
+        // Left world-readable by hand: reused, and made private again.
+        fs::set_permissions(&path, Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(cluster_secret(&dir.0).expect("reuse"), secret);
+        let mode = fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        fs::write(&path, "short\n").expect("write");
+        let err = cluster_secret(&dir.0).expect_err("too short").to_string();
+        assert!(err.contains("delete it to generate a new one"), "{err}");
+
+        let other = TempDir::new("secret2");
+        assert_ne!(cluster_secret(&other.0).expect("generate"), secret);
+    }
+
+    #[test]
+    fn configs_are_private() {
+        let dir = TempDir::new("config");
+        let path = dir.0.join("triremed.toml");
+        let path = path.to_str().expect("utf8");
+        fs::write(path, "old, longer contents\n").expect("write");
+        fs::set_permissions(path, Permissions::from_mode(0o644)).expect("chmod");
+        write_private(path, "new\n").expect("write");
+        assert_eq!(fs::read_to_string(path).expect("read"), "new\n");
+        let mode = fs::metadata(path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn hex_encoding() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(hex(&[]), "");
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trireme_proto::v1::{
-    CreateVolumeRequest, DeleteVolumeRequest, GetNodeRequest, GetVolumeRequest, ListVolumesRequest,
-    ResizeVolumeRequest, Volume,
+    AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, GetNodeRequest, GetVolumeRequest,
+    ListVolumesRequest, ResizeVolumeRequest, Volume,
 };
 
 use crate::admin::status_error;
@@ -68,7 +68,7 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create, inspect, resize and delete volumes.
+    /// Create, inspect, resize, attach and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Inspect the node answering on --admin.
@@ -118,6 +118,16 @@ enum VolumeCommand {
         #[arg(long, value_name = "SIZE", value_parser = size::size_arg)]
         size: u64,
     },
+    /// Bind the volume's writer to a node: starts a new writer epoch, so NBD
+    /// sessions of older epochs (on any node) can no longer write, and moves
+    /// the volume's leadership to that node so its I/O stays local.
+    Attach {
+        /// Volume name.
+        name: String,
+        /// Node id to attach to (1 or more); it should hold a replica.
+        #[arg(long, value_name = "ID", value_parser = node_id_arg)]
+        node: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,17 +142,21 @@ enum DevCommand {
     /// line of JSON describing them on stdout, and stay in the foreground
     /// until SIGINT or SIGTERM, which stops the nodes.
     ///
-    /// Node i (1-based) gets admin port P+i, NBD port P+3700+i and metrics
-    /// port P+200+i, and the directory DIR/node-i/ holding triremed.toml,
-    /// data/, nbd.sock and triremed.log. Re-running on the same DIR reuses
-    /// the data and the existing vol0 if its size matches.
+    /// Node i (1-based) gets admin port P+i, metrics port P+200+i, peer port
+    /// P+300+i and NBD port P+3700+i, and the directory DIR/node-i/ holding
+    /// triremed.toml, data/, nbd.sock and triremed.log. Every node's config
+    /// lists all nodes and the cluster secret kept in DIR/cluster.secret
+    /// (generated on first use). vol0 is created on node 1 with the server's
+    /// default replica count, and the command waits until it has a leader.
+    /// Re-running on the same DIR reuses the data, the secret and the
+    /// existing vol0 if its size matches.
     Up(DevUpCli),
 }
 
 #[derive(Debug, Args)]
 struct DevUpCli {
-    /// Number of nodes (only 1 until replication lands).
-    #[arg(long, value_name = "N")]
+    /// Number of nodes, 1-9 (3 or 5 for a replicated cluster).
+    #[arg(long, value_name = "N", value_parser = nodes_arg)]
     nodes: u32,
     /// Directory for the nodes' configs, data, sockets and logs; created if
     /// missing.
@@ -165,6 +179,20 @@ fn replicas_arg(input: &str) -> Result<u32, String> {
     match input.parse::<u32>() {
         Ok(n @ (0 | 1 | 3 | 5)) => Ok(n),
         _ => Err("--replicas must be 1, 3 or 5".to_owned()),
+    }
+}
+
+fn node_id_arg(input: &str) -> Result<u64, String> {
+    match input.parse::<u64>() {
+        Ok(id) if id >= 1 => Ok(id),
+        _ => Err(format!("invalid --node \"{input}\": expected a node id (1 or more)")),
+    }
+}
+
+fn nodes_arg(input: &str) -> Result<u32, String> {
+    match input.parse::<u32>() {
+        Ok(n) if (1..=dev::MAX_NODES).contains(&n) => Ok(n),
+        _ => Err(format!("invalid --nodes \"{input}\": expected 1 to {}", dev::MAX_NODES)),
     }
 }
 
@@ -248,7 +276,7 @@ async fn volume(addr: &str, json: bool, cmd: VolumeCommand) -> anyhow::Result<()
                 .map_err(status_error)?
                 .into_inner()
                 .volume;
-            print_volume(json, volume, "created volume")
+            print_volume(json, volume, "created volume", "")
         }
         VolumeCommand::List => {
             let volumes = client
@@ -274,7 +302,7 @@ async fn volume(addr: &str, json: bool, cmd: VolumeCommand) -> anyhow::Result<()
                 .map_err(status_error)?
                 .into_inner()
                 .volume;
-            print_volume(json, volume, "")
+            print_volume(json, volume, "", "")
         }
         VolumeCommand::Delete { name, force } => {
             client
@@ -301,14 +329,24 @@ async fn volume(addr: &str, json: bool, cmd: VolumeCommand) -> anyhow::Result<()
                 .map_err(status_error)?
                 .into_inner()
                 .volume;
-            print_volume(json, volume, "resized volume")
+            print_volume(json, volume, "resized volume", "")
+        }
+        VolumeCommand::Attach { name, node } => {
+            let volume = client
+                .attach_volume(AttachVolumeRequest { name, node_id: node })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .volume;
+            print_volume(json, volume, "attached volume", &format!(" to node {node}"))
         }
     }
 }
 
-/// `headline` introduces the details in human output after a change, so the
-/// user sees what happened and the resulting state.
-fn print_volume(json: bool, volume: Option<Volume>, headline: &str) -> anyhow::Result<()> {
+/// `headline` (then the volume name, then `detail`) introduces the details in
+/// human output after a change, so the user sees what happened and the
+/// resulting state.
+fn print_volume(json: bool, volume: Option<Volume>, headline: &str, detail: &str) -> anyhow::Result<()> {
     // A reply without the volume is a server bug; say so rather than print
     // an empty object that looks like a real one.
     let volume = volume
@@ -318,7 +356,7 @@ fn print_volume(json: bool, volume: Option<Volume>, headline: &str) -> anyhow::R
         println!("{}", json_line(&VolumeJson::from(&volume))?);
     } else {
         if !headline.is_empty() {
-            println!("{headline} {}", volume.name);
+            println!("{headline} {}{detail}", volume.name);
         }
         print!("{}", output::volume_human(&volume));
     }
@@ -358,6 +396,36 @@ mod tests {
             err.source().map(|s| s.to_string()),
             Some("invalid --size \"12XB\": expected bytes or a number with KiB/MiB/GiB/TiB".into())
         );
+    }
+
+    #[test]
+    fn attach_needs_a_real_node_id() {
+        let cli = Cli::try_parse_from(["trireme", "volume", "attach", "vol0", "--node", "2"]).expect("parse");
+        let Command::Volume(VolumeCommand::Attach { name, node }) = cli.command else {
+            panic!("not volume attach");
+        };
+        assert_eq!((name.as_str(), node), ("vol0", 2));
+        for bad in ["0", "-1", "x", ""] {
+            assert_eq!(
+                node_id_arg(bad),
+                Err(format!("invalid --node \"{bad}\": expected a node id (1 or more)"))
+            );
+        }
+        let err = Cli::try_parse_from(["trireme", "volume", "attach", "vol0"]).expect_err("no --node");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn dev_up_node_counts() {
+        for ok in ["1", "3", "5", "9"] {
+            assert_eq!(nodes_arg(ok), ok.parse::<u32>().map_err(|e| e.to_string()));
+        }
+        for bad in ["0", "10", "-1", "x"] {
+            assert_eq!(
+                nodes_arg(bad),
+                Err(format!("invalid --nodes \"{bad}\": expected 1 to 9"))
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub struct VolumeJson {
     pub created_at_unix_s: u64,
     pub durability: String,
     pub allocated_bytes: u64,
+    pub epoch: u64,
+    pub attached_node: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -26,6 +31,9 @@ pub struct ReplicaJson {
     pub node_id: u64,
     pub role: String,
     pub state: String,
+    pub match_index: u64,
+    pub lag_entries: u64,
+    pub lag_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +62,9 @@ impl From<&Replica> for ReplicaJson {
             node_id: r.node_id,
             role: r.role.clone(),
             state: r.state.clone(),
+            match_index: r.match_index,
+            lag_entries: r.lag_entries,
+            lag_bytes: r.lag_bytes,
         }
     }
 }
@@ -71,6 +82,11 @@ impl From<&Volume> for VolumeJson {
             created_at_unix_s: v.created_at_unix_s,
             durability: v.durability.clone(),
             allocated_bytes: v.allocated_bytes,
+            epoch: v.epoch,
+            attached_node: v.attached_node,
+            term: v.term,
+            commit_index: v.commit_index,
+            applied_index: v.applied_index,
         }
     }
 }
@@ -128,11 +144,12 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn leader_text(leader: u64) -> String {
-    if leader == 0 {
+/// "node N", or "none" for 0 (no leader, not attached).
+fn node_text(node: u64) -> String {
+    if node == 0 {
         "none".to_owned()
     } else {
-        format!("node {leader}")
+        format!("node {node}")
     }
 }
 
@@ -142,7 +159,12 @@ pub fn volume_human(v: &Volume) -> String {
         ("id", v.id.clone()),
         ("size", bytes_and_human(v.size_bytes)),
         ("replicas", v.replica_count.to_string()),
-        ("leader", leader_text(v.leader)),
+        ("leader", node_text(v.leader)),
+        ("attached", node_text(v.attached_node)),
+        ("epoch", v.epoch.to_string()),
+        ("term", v.term.to_string()),
+        ("commit index", v.commit_index.to_string()),
+        ("applied index", v.applied_index.to_string()),
         ("durability", v.durability.clone()),
         ("open sessions", v.open_sessions.to_string()),
         ("allocated", bytes_and_human(v.allocated_bytes)),
@@ -153,9 +175,21 @@ pub fn volume_human(v: &Volume) -> String {
         let rows: Vec<Vec<String>> = v
             .replicas
             .iter()
-            .map(|r| vec![r.node_id.to_string(), r.role.clone(), r.state.clone()])
+            .map(|r| {
+                vec![
+                    r.node_id.to_string(),
+                    r.role.clone(),
+                    r.state.clone(),
+                    r.match_index.to_string(),
+                    r.lag_entries.to_string(),
+                    human_size(r.lag_bytes),
+                ]
+            })
             .collect();
-        out.push_str(&table(&["NODE", "ROLE", "STATE"], &rows));
+        out.push_str(&table(
+            &["NODE", "ROLE", "STATE", "MATCH", "LAG(entries)", "LAG(bytes)"],
+            &rows,
+        ));
     }
     out
 }
@@ -171,7 +205,7 @@ pub fn volume_list_human(volumes: &[Volume]) -> String {
                 v.name.clone(),
                 human_size(v.size_bytes),
                 v.replica_count.to_string(),
-                leader_text(v.leader),
+                node_text(v.leader),
                 v.open_sessions.to_string(),
             ]
         })
@@ -236,17 +270,43 @@ mod tests {
             name: "vol0".into(),
             id: "00ab".into(),
             size_bytes: 1 << 30,
-            replica_count: 1,
+            replica_count: 3,
             leader: 1,
-            replicas: vec![Replica {
-                node_id: 1,
-                role: "leader".into(),
-                state: "healthy".into(),
-            }],
+            replicas: vec![
+                Replica {
+                    node_id: 1,
+                    role: "leader".into(),
+                    state: "healthy".into(),
+                    match_index: 120,
+                    lag_entries: 0,
+                    lag_bytes: 0,
+                },
+                Replica {
+                    node_id: 2,
+                    role: "follower".into(),
+                    state: "healthy".into(),
+                    match_index: 120,
+                    lag_entries: 0,
+                    lag_bytes: 0,
+                },
+                Replica {
+                    node_id: 3,
+                    role: "follower".into(),
+                    state: "catching-up".into(),
+                    match_index: 100,
+                    lag_entries: 20,
+                    lag_bytes: 1536 << 10,
+                },
+            ],
             open_sessions: 2,
             created_at_unix_s: 1_709_294_400,
-            durability: "local-fsync".into(),
+            durability: "quorum-fsync".into(),
             allocated_bytes: 8192,
+            epoch: 4,
+            attached_node: 1,
+            term: 7,
+            commit_index: 120,
+            applied_index: 119,
         }
     }
 
@@ -257,13 +317,25 @@ mod tests {
             "name": "vol0",
             "id": "00ab",
             "size_bytes": 1073741824u64,
-            "replica_count": 1,
+            "replica_count": 3,
             "leader": 1,
-            "replicas": [{"node_id": 1, "role": "leader", "state": "healthy"}],
+            "replicas": [
+                {"node_id": 1, "role": "leader", "state": "healthy",
+                 "match_index": 120, "lag_entries": 0, "lag_bytes": 0},
+                {"node_id": 2, "role": "follower", "state": "healthy",
+                 "match_index": 120, "lag_entries": 0, "lag_bytes": 0},
+                {"node_id": 3, "role": "follower", "state": "catching-up",
+                 "match_index": 100, "lag_entries": 20, "lag_bytes": 1572864},
+            ],
             "open_sessions": 2,
             "created_at_unix_s": 1709294400u64,
-            "durability": "local-fsync",
+            "durability": "quorum-fsync",
             "allocated_bytes": 8192,
+            "epoch": 4,
+            "attached_node": 1,
+            "term": 7,
+            "commit_index": 120,
+            "applied_index": 119,
         });
         assert_eq!(value, want);
     }
@@ -310,7 +382,31 @@ mod tests {
         assert!(text.contains("size:          1073741824 (1.0 GiB)\n"), "{text}");
         assert!(text.contains("open sessions: 2\n"), "{text}");
         assert!(text.contains("created:       2024-03-01 12:00:00 UTC\n"), "{text}");
-        assert!(text.contains("NODE  ROLE    STATE\n1     leader  healthy\n"), "{text}");
+        assert!(text.contains("leader:        node 1\n"), "{text}");
+        assert!(text.contains("attached:      node 1\n"), "{text}");
+        assert!(text.contains("epoch:         4\n"), "{text}");
+        assert!(text.contains("term:          7\n"), "{text}");
+        assert!(text.contains("commit index:  120\n"), "{text}");
+        assert!(text.contains("applied index: 119\n"), "{text}");
+        assert!(
+            text.ends_with(
+                "\n\
+                 NODE  ROLE      STATE        MATCH  LAG(entries)  LAG(bytes)\n\
+                 1     leader    healthy      120    0             0 B\n\
+                 2     follower  healthy      120    0             0 B\n\
+                 3     follower  catching-up  100    20            1.5 MiB\n"
+            ),
+            "{text}"
+        );
+
+        let mut detached = sample_volume();
+        detached.attached_node = 0;
+        detached.leader = 0;
+        detached.replicas.clear();
+        let text = volume_human(&detached);
+        assert!(text.contains("leader:        none\n"), "{text}");
+        assert!(text.contains("attached:      none\n"), "{text}");
+        assert!(!text.contains("NODE"), "{text}");
     }
 
     #[test]
@@ -322,8 +418,8 @@ mod tests {
         assert_eq!(
             text,
             "NAME           SIZE     REPLICAS  LEADER  SESSIONS\n\
-             vol0           1.0 GiB  1         node 1  2\n\
-             a-longer-name  1.0 GiB  1         none    2\n"
+             vol0           1.0 GiB  3         node 1  2\n\
+             a-longer-name  1.0 GiB  3         none    2\n"
         );
         assert_eq!(volume_list_human(&[]), "no volumes\n");
     }

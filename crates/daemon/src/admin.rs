@@ -8,31 +8,94 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use trireme_proto::v1 as pb;
 
-use crate::catalog::{Catalog, LocalVolume};
+use crate::catalog::Catalog;
+use crate::error::DaemonError;
+use crate::group::GroupStatus;
+use crate::volume::Volume;
 
 pub struct VolumeApi {
     pub catalog: Arc<Catalog>,
     pub node_id: u64,
 }
 
-fn to_proto(v: &LocalVolume, node_id: u64) -> pb::Volume {
+/// Per-replica rows from the leader's view of the group.
+fn replicas(meta_replicas: &[u64], leader: Option<&GroupStatus>) -> Vec<pb::Replica> {
+    meta_replicas
+        .iter()
+        .map(|&node_id| {
+            let Some(s) = leader else {
+                return pb::Replica {
+                    node_id,
+                    role: "unknown".into(),
+                    state: "unknown".into(),
+                    ..Default::default()
+                };
+            };
+            let (matched, pstate) = s
+                .progress
+                .iter()
+                .find(|(id, _, _)| *id == node_id)
+                .map(|(_, m, st)| (*m, *st))
+                .unwrap_or((0, "probe"));
+            let lag_entries = s.last_index.saturating_sub(matched);
+            let lag_bytes = s
+                .lag_bytes
+                .iter()
+                .find(|(id, _)| *id == node_id)
+                .map(|(_, b)| *b)
+                .unwrap_or(0);
+            let (role, state) = if node_id == s.leader {
+                ("leader", "healthy")
+            } else if pstate == "snapshot" {
+                ("follower", "snapshot")
+            } else if pstate == "probe" && lag_entries > 0 {
+                ("follower", "down")
+            } else if lag_entries > 0 {
+                ("follower", "catching-up")
+            } else {
+                ("follower", "healthy")
+            };
+            pb::Replica {
+                node_id,
+                role: role.into(),
+                state: state.into(),
+                match_index: if node_id == s.leader { s.last_index } else { matched },
+                lag_entries: if node_id == s.leader { 0 } else { lag_entries },
+                lag_bytes: if node_id == s.leader { 0 } else { lag_bytes },
+            }
+        })
+        .collect()
+}
+
+/// `detailed`: ask the leader for replica progress (one round trip).
+async fn to_proto(v: &Volume, detailed: bool) -> pb::Volume {
     let m = v.meta();
-    let state = if v.is_failed() { "failed" } else { "healthy" };
+    let local = v.local_status();
+    let leader_view = if detailed {
+        match &local {
+            Some(s) if s.role == "leader" => Some(s.clone()),
+            _ => v.leader_status().await,
+        }
+    } else {
+        local.clone().filter(|s| s.role == "leader")
+    };
+    let seen = leader_view.as_ref().or(local.as_ref());
     pb::Volume {
         name: m.name,
         id: m.id,
         size_bytes: v.size_bytes(),
         replica_count: m.replica_count,
-        leader: node_id,
-        replicas: vec![pb::Replica {
-            node_id,
-            role: "leader".into(),
-            state: state.into(),
-        }],
+        leader: seen.map(|s| s.leader).unwrap_or(0),
+        replicas: replicas(&m.replicas, leader_view.as_ref()),
         open_sessions: v.open_sessions(),
         created_at_unix_s: m.created_at_unix_s,
-        durability: "local-fsync".into(),
-        allocated_bytes: v.store().allocated_bytes(),
+        durability: "quorum-fsync".into(),
+        allocated_bytes: v.local.as_ref().map(|l| l.store.allocated_bytes()).unwrap_or(0),
+        epoch: seen.map(|s| s.epoch).unwrap_or(0),
+        attached_node: seen.map(|s| s.attached_node).unwrap_or(0),
+        term: seen.map(|s| s.term).unwrap_or(0),
+        commit_index: seen.map(|s| s.commit_index).unwrap_or(0),
+        applied_index: local.as_ref().map(|s| s.applied_index).unwrap_or(0),
     }
 }
 
@@ -45,7 +108,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let r = req.into_inner();
         let v = self.catalog.create(&r.name, r.size_bytes, r.replica_count).await?;
         Ok(Response::new(pb::CreateVolumeResponse {
-            volume: Some(to_proto(&v, self.node_id)),
+            volume: Some(to_proto(&v, false).await),
         }))
     }
 
@@ -62,14 +125,17 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         &self,
         _req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let volumes = self.catalog.list().iter().map(|v| to_proto(v, self.node_id)).collect();
+        let mut volumes = Vec::new();
+        for v in self.catalog.list() {
+            volumes.push(to_proto(&v, false).await);
+        }
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
         let v = self.catalog.get(&req.into_inner().name)?;
         Ok(Response::new(pb::GetVolumeResponse {
-            volume: Some(to_proto(&v, self.node_id)),
+            volume: Some(to_proto(&v, true).await),
         }))
     }
 
@@ -80,7 +146,26 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let r = req.into_inner();
         let v = self.catalog.resize(&r.name, r.new_size_bytes).await?;
         Ok(Response::new(pb::ResizeVolumeResponse {
-            volume: Some(to_proto(&v, self.node_id)),
+            volume: Some(to_proto(&v, false).await),
+        }))
+    }
+
+    async fn attach_volume(
+        &self,
+        req: Request<pb::AttachVolumeRequest>,
+    ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.catalog.get(&r.name)?;
+        if !self.catalog.is_node(r.node_id) {
+            return Err(
+                DaemonError::InvalidArgument(format!("node_id {} is not a node of this cluster", r.node_id)).into(),
+            );
+        }
+        v.attach(r.node_id)
+            .await
+            .map_err(|e| DaemonError::FailedPrecondition(format!("attach failed: {e}")))?;
+        Ok(Response::new(pb::AttachVolumeResponse {
+            volume: Some(to_proto(&v, true).await),
         }))
     }
 }

@@ -1,28 +1,43 @@
-//! The node's volume catalog: DATA_DIR/volumes/ID/{volume.meta,image}.
+//! The node's volume catalog: DATA_DIR/volumes/ID/{volume.meta, image,
+//! volume.state}, and the Raft groups of the local replicas.
 //!
-//! Creation builds the volume in a hidden directory and renames it into
-//! place, deletion renames it away before removing it, so a crash at any
-//! point leaves a volume either whole or absent; hidden leftovers are
-//! cleaned at start. Also the NBD export registry over those volumes.
+//! Every node keeps the catalog entry of every volume (so it can serve its
+//! export and route to its leader); replica nodes also keep the image and
+//! run the group. Catalog changes are pushed by the node that took the admin
+//! call to every node over the peer transport. Creation builds a volume in a
+//! hidden directory and renames it into place, deletion renames it away
+//! before removing it, so a crash leaves a volume whole or absent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use trireme_nbd::{ExportInfo, ExportRegistry, OpenedExport};
+use trireme_raftlog::RaftLogStore;
+use trireme_replica::raft::eraftpb::ConfState;
+use trireme_replica::{Replica, ReplicaConfig, VolumeState};
+use trireme_storage::BlockStore;
+use trireme_storage::statefile;
 use trireme_storage::uring::{IoEngine, UringStore};
-use trireme_storage::{BlockStore, statefile};
+use trireme_transport::{CatalogChange, Transport};
 
 use crate::error::{DaemonError, Result};
-use crate::volume::{Volume, VolumeMeta, VolumeSession};
+use crate::group::{self, GroupEvent, GroupHandle};
+use crate::logwriter::LogWriter;
+use crate::volume::{LocalReplica, Volume, VolumeMeta, VolumeSession};
 
 const META_MAGIC: &[u8; 8] = b"TRIVOLM\0";
-const META_VERSION: u32 = 1;
+const META_VERSION: u32 = 2;
 const META_FILE: &str = "volume.meta";
 const IMAGE_FILE: &str = "image";
+const STATE_MAGIC: &[u8; 8] = b"TRIVOLS\0";
+const STATE_VERSION: u32 = 1;
+const STATE_FILE: &str = "volume.state";
 /// Sizes are whole 4 KiB blocks, so every client can address the last byte.
 pub const VOLUME_BLOCK_BYTES: u64 = 4096;
 /// ext4's largest file with 4 KiB blocks.
@@ -31,16 +46,35 @@ const MAX_NAME_CHARS: usize = 64;
 /// How long a forced delete waits for revoked sessions to close.
 const REVOKE_WAIT: Duration = Duration::from_secs(10);
 
-pub type LocalVolume = Volume<UringStore>;
+/// The state machine as of the destaged index (volume.state): what the
+/// image holds plus the fencing state, so the log below it can go.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppliedState {
+    pub destaged_index: u64,
+    pub epoch: u64,
+    pub attached_node: u64,
+}
 
-pub struct Catalog {
-    volumes_dir: PathBuf,
-    engine: IoEngine,
-    /// Replicas this node can place: 1 until the cluster has more nodes.
-    nodes_in_cluster: u32,
-    volumes: RwLock<BTreeMap<String, Arc<LocalVolume>>>,
-    /// Serialises create/delete/resize so their on-disk steps never interleave.
-    admin_lock: tokio::sync::Mutex<()>,
+pub fn write_applied_state(path: &Path, s: &AppliedState) -> std::result::Result<(), trireme_storage::StorageError> {
+    let body = serde_json::to_vec(s).unwrap_or_default();
+    statefile::write_atomic(path, STATE_MAGIC, STATE_VERSION, &body)
+}
+
+fn read_applied_state(path: &Path) -> Result<AppliedState> {
+    if !path.exists() {
+        return Ok(AppliedState::default());
+    }
+    let (version, body) = statefile::read(path, STATE_MAGIC)?;
+    if version != STATE_VERSION {
+        return Err(DaemonError::DataDir {
+            path: path.into(),
+            reason: format!("unsupported version {version}"),
+        });
+    }
+    serde_json::from_slice(&body).map_err(|e| DaemonError::DataDir {
+        path: path.into(),
+        reason: format!("volume.state body: {e}"),
+    })
 }
 
 pub fn validate_name(name: &str) -> Result<()> {
@@ -74,12 +108,14 @@ pub fn validate_size(field: &str, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn new_volume_id() -> Result<String> {
+fn new_volume_id() -> Result<(String, u64)> {
     let mut b = [0u8; 8];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .map_err(|e| DaemonError::io("reading /dev/urandom for a volume id", e))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    // Group id 0 is never used, so "no group" can be 0.
+    let group = u64::from_be_bytes(b).max(1);
+    Ok((format!("{group:016x}"), group))
 }
 
 fn now_unix_s() -> u64 {
@@ -95,28 +131,98 @@ fn write_meta(dir: &Path, meta: &VolumeMeta) -> Result<()> {
     Ok(())
 }
 
-fn read_meta(dir: &Path) -> Result<VolumeMeta> {
+/// volume.meta version 1 (single-node releases) had no group and replicas.
+#[derive(Deserialize)]
+struct VolumeMetaV1 {
+    id: String,
+    name: String,
+    size_bytes: u64,
+    replica_count: u32,
+    created_at_unix_s: u64,
+}
+
+fn read_meta(dir: &Path, node_id: u64) -> Result<VolumeMeta> {
     let path = dir.join(META_FILE);
     let (version, body) = statefile::read(&path, META_MAGIC)?;
-    if version != META_VERSION {
-        return Err(DaemonError::DataDir {
-            path,
-            reason: format!("unsupported volume.meta version {version}"),
-        });
-    }
-    serde_json::from_slice(&body).map_err(|e| DaemonError::DataDir {
+    let bad = |e: serde_json::Error| DaemonError::DataDir {
         path: path.clone(),
         reason: format!("volume.meta body: {e}"),
-    })
+    };
+    match version {
+        1 => {
+            let v1: VolumeMetaV1 = serde_json::from_slice(&body).map_err(bad)?;
+            let group_id = u64::from_str_radix(&v1.id, 16).unwrap_or(1).max(1);
+            Ok(VolumeMeta {
+                id: v1.id,
+                name: v1.name,
+                size_bytes: v1.size_bytes,
+                replica_count: v1.replica_count,
+                created_at_unix_s: v1.created_at_unix_s,
+                group_id,
+                replicas: vec![node_id],
+            })
+        }
+        META_VERSION => serde_json::from_slice(&body).map_err(bad),
+        v => Err(DaemonError::DataDir {
+            path,
+            reason: format!("unsupported volume.meta version {v}"),
+        }),
+    }
+}
+
+fn change_of(meta: &VolumeMeta, delete: bool) -> CatalogChange {
+    CatalogChange {
+        name: meta.name.clone(),
+        id: meta.id.clone(),
+        size_bytes: meta.size_bytes,
+        replicas: meta.replicas.clone(),
+        group_id: meta.group_id,
+        delete,
+        created_at_unix_s: meta.created_at_unix_s,
+    }
+}
+
+pub struct Catalog {
+    node_id: u64,
+    volumes_dir: PathBuf,
+    engine: IoEngine,
+    log: Arc<dyn RaftLogStore>,
+    log_writer: LogWriter,
+    transport: Transport,
+    nodes: BTreeMap<u64, SocketAddr>,
+    volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
+    groups: RwLock<HashMap<u64, GroupHandle>>,
+    /// Serialises create/delete/resize so their on-disk steps never interleave.
+    admin_lock: tokio::sync::Mutex<()>,
 }
 
 impl Catalog {
-    /// Opens every volume under `data_dir/volumes`, refusing to start on a
-    /// corrupt one (naming the file) rather than serving without it.
-    pub fn load(data_dir: &Path, engine: IoEngine) -> Result<Catalog> {
+    /// Opens every volume under `data_dir/volumes` and restarts the local
+    /// replicas from the durable log; refuses to start on a corrupt file
+    /// (naming it) rather than serve without it.
+    pub fn load(
+        node_id: u64,
+        data_dir: &Path,
+        engine: IoEngine,
+        log: Arc<dyn RaftLogStore>,
+        log_writer: LogWriter,
+        transport: Transport,
+        nodes: BTreeMap<u64, SocketAddr>,
+    ) -> Result<Catalog> {
         let volumes_dir = data_dir.join("volumes");
         fs::create_dir_all(&volumes_dir).map_err(|e| DaemonError::io(volumes_dir.display().to_string(), e))?;
-        let mut volumes = BTreeMap::new();
+        let catalog = Catalog {
+            node_id,
+            volumes_dir: volumes_dir.clone(),
+            engine,
+            log,
+            log_writer,
+            transport,
+            nodes,
+            volumes: RwLock::new(BTreeMap::new()),
+            groups: RwLock::new(HashMap::new()),
+            admin_lock: tokio::sync::Mutex::new(()),
+        };
         let entries = fs::read_dir(&volumes_dir).map_err(|e| DaemonError::io(volumes_dir.display().to_string(), e))?;
         for entry in entries {
             let entry = entry.map_err(|e| DaemonError::io(volumes_dir.display().to_string(), e))?;
@@ -131,84 +237,268 @@ impl Catalog {
             if !path.is_dir() {
                 continue;
             }
-            let meta = read_meta(&path)?;
+            let meta = read_meta(&path, node_id)?;
             if meta.id != fname {
                 return Err(DaemonError::DataDir {
                     path: path.join(META_FILE),
                     reason: format!("holds id {} but lives in directory {fname}", meta.id),
                 });
             }
-            let store = UringStore::open(&engine, &path.join(IMAGE_FILE), meta.size_bytes)?;
-            if volumes.contains_key(&meta.name) {
+            if catalog.read_map().contains_key(&meta.name) {
                 return Err(DaemonError::DataDir {
                     path: path.join(META_FILE),
                     reason: format!("a second volume is named \"{}\"", meta.name),
                 });
             }
-            info!(volume = %meta.name, id = %meta.id, size_bytes = meta.size_bytes, "volume loaded");
-            volumes.insert(meta.name.clone(), Volume::new(meta, store));
+            let local = if meta.replicas.contains(&node_id) {
+                let store = UringStore::open(&catalog.engine, &path.join(IMAGE_FILE), meta.size_bytes)?;
+                Some(catalog.start_replica(&meta, &path, store, false)?)
+            } else {
+                None
+            };
+            info!(volume = %meta.name, id = %meta.id, replica = local.is_some(), "volume loaded");
+            let v = Volume::new(meta.clone(), local, node_id, catalog.transport.clone());
+            catalog.write_map().insert(meta.name, v);
         }
         statefile::fsync_dir(&volumes_dir)?;
-        Ok(Catalog {
-            volumes_dir,
-            engine,
-            nodes_in_cluster: 1,
-            volumes: RwLock::new(volumes),
-            admin_lock: tokio::sync::Mutex::new(()),
-        })
+        Ok(catalog)
     }
 
-    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<LocalVolume>>> {
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Volume>>> {
         self.volumes.read().expect("volume map lock poisoned")
     }
-    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<LocalVolume>>> {
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Volume>>> {
         self.volumes.write().expect("volume map lock poisoned")
     }
 
-    pub fn get(&self, name: &str) -> Result<Arc<LocalVolume>> {
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    pub fn is_node(&self, id: u64) -> bool {
+        self.nodes.contains_key(&id)
+    }
+
+    pub fn group(&self, group_id: u64) -> Option<GroupHandle> {
+        self.groups
+            .read()
+            .expect("group map lock poisoned")
+            .get(&group_id)
+            .cloned()
+    }
+
+    pub fn all_groups(&self) -> Vec<GroupHandle> {
+        self.groups
+            .read()
+            .expect("group map lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Starts (or restarts from the durable log) this node's replica.
+    fn start_replica(&self, meta: &VolumeMeta, dir: &Path, store: UringStore, fresh: bool) -> Result<LocalReplica> {
+        let config = ReplicaConfig::new(self.node_id);
+        let raft_err = |e: trireme_replica::ProposeError| DaemonError::DataDir {
+            path: dir.to_path_buf(),
+            reason: format!("starting the replica: {e}"),
+        };
+        let applied = read_applied_state(&dir.join(STATE_FILE))?;
+        let stored = if fresh {
+            None
+        } else {
+            self.log.load(meta.group_id).map_err(|e| DaemonError::DataDir {
+                path: dir.to_path_buf(),
+                reason: format!("raft log of group {:x}: {e}", meta.group_id),
+            })?
+        };
+        let mut replica = match stored {
+            None => Replica::new(&config, &meta.replicas).map_err(raft_err)?,
+            Some(g) => {
+                let cs = if g.conf_state.voters.is_empty() {
+                    ConfState::from((meta.replicas.clone(), vec![]))
+                } else {
+                    g.conf_state
+                };
+                let state = VolumeState {
+                    epoch: applied.epoch,
+                    attached_node: applied.attached_node,
+                    applied_index: applied.destaged_index,
+                    ..VolumeState::default()
+                };
+                Replica::restart(&config, g.hard_state, cs, &g.entries, state).map_err(raft_err)?
+            }
+        };
+        // A new group's first replica campaigns at once instead of waiting
+        // out an election timeout; the others join its election.
+        if fresh && meta.replicas.first() == Some(&self.node_id) {
+            let _ = replica.campaign();
+        }
+        let store = Arc::new(store);
+        let handle = group::spawn(group::GroupSetup {
+            group_id: meta.group_id,
+            volume: meta.name.clone(),
+            replica,
+            destaged_index: applied.destaged_index,
+            store: store.clone(),
+            state_path: dir.join(STATE_FILE),
+            transport: self.transport.clone(),
+            log: self.log_writer.clone(),
+        });
+        self.groups
+            .write()
+            .expect("group map lock poisoned")
+            .insert(meta.group_id, handle.clone());
+        Ok(LocalReplica {
+            store,
+            group: handle,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Volume>> {
         self.read_map()
             .get(name)
             .cloned()
             .ok_or_else(|| DaemonError::VolumeNotFound(name.to_string()))
     }
 
-    pub fn list(&self) -> Vec<Arc<LocalVolume>> {
+    pub fn list(&self) -> Vec<Arc<Volume>> {
         self.read_map().values().cloned().collect()
     }
 
-    pub async fn create(&self, name: &str, size_bytes: u64, replica_count: u32) -> Result<Arc<LocalVolume>> {
+    /// Picks the replica nodes: `count` distinct nodes, starting at a
+    /// position derived from the name so volumes spread over the cluster.
+    fn place(&self, name: &str, count: u32) -> Vec<u64> {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        let start = name
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))) as usize;
+        (0..count as usize).map(|i| ids[(start + i) % ids.len()]).collect()
+    }
+
+    /// Pushes a change to every other node; `required` nodes must take it.
+    async fn broadcast(&self, change: &CatalogChange, required: &[u64]) -> Result<()> {
+        let mut failed = Vec::new();
+        for &node in self.nodes.keys() {
+            if node == self.node_id {
+                continue;
+            }
+            if let Err(e) = self.transport.catalog(node, change.clone()).await {
+                warn!(node, volume = %change.name, "catalog change not delivered: {e}");
+                if required.contains(&node) {
+                    failed.push(format!("node {node}: {e}"));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(DaemonError::FailedPrecondition(format!(
+                "replica nodes did not take the change to volume \"{}\": {}",
+                change.name,
+                failed.join("; ")
+            )))
+        }
+    }
+
+    pub async fn create(&self, name: &str, size_bytes: u64, replica_count: u32) -> Result<Arc<Volume>> {
         validate_name(name)?;
         validate_size("size_bytes", size_bytes)?;
-        let replica_count = if replica_count == 0 { 1 } else { replica_count };
+        let nodes = self.nodes.len() as u32;
+        let replica_count = if replica_count == 0 {
+            nodes.min(3)
+        } else {
+            replica_count
+        };
         if ![1, 3, 5].contains(&replica_count) {
             return Err(DaemonError::InvalidArgument(format!(
                 "replica_count {replica_count} must be 1, 3 or 5"
             )));
         }
-        if replica_count > self.nodes_in_cluster {
+        if replica_count > nodes {
             return Err(DaemonError::FailedPrecondition(format!(
-                "replica_count {replica_count} needs {replica_count} nodes but the cluster has {}",
-                self.nodes_in_cluster
+                "replica_count {replica_count} needs {replica_count} nodes but the cluster has {nodes}"
             )));
         }
         let _guard = self.admin_lock.lock().await;
         if self.read_map().contains_key(name) {
             return Err(DaemonError::VolumeExists(name.to_string()));
         }
-        let id = new_volume_id()?;
+        let (id, group_id) = new_volume_id()?;
         let meta = VolumeMeta {
-            id: id.clone(),
+            id,
             name: name.to_string(),
             size_bytes,
             replica_count,
             created_at_unix_s: now_unix_s(),
+            group_id,
+            replicas: self.place(name, replica_count),
         };
-        let staging = self.volumes_dir.join(format!(".creating-{id}"));
-        let final_dir = self.volumes_dir.join(&id);
+        let change = change_of(&meta, false);
+        // Peers first: if a replica node refuses, nothing was created here.
+        if let Err(e) = self.broadcast(&change, &meta.replicas).await {
+            let _ = self.broadcast(&change_of(&meta, true), &[]).await;
+            return Err(e);
+        }
+        self.apply_locally(&change).await?;
+        info!(volume = %name, id = %meta.id, size_bytes, replicas = ?meta.replicas, "volume created");
+        self.get(name)
+    }
+
+    /// Applies a catalog change pushed by a peer (or by this node).
+    pub async fn apply_change(&self, change: CatalogChange) -> Result<()> {
+        let _guard = self.admin_lock.lock().await;
+        self.apply_locally(&change).await
+    }
+
+    async fn apply_locally(&self, change: &CatalogChange) -> Result<()> {
+        validate_name(&change.name)?;
+        validate_size("size_bytes", change.size_bytes)?;
+        if change.delete {
+            return self.remove_locally(&change.name, &change.id).await;
+        }
+        let existing = self.read_map().get(&change.name).cloned();
+        if let Some(v) = existing {
+            let mut meta = v.meta();
+            if meta.id != change.id {
+                return Err(DaemonError::VolumeExists(change.name.clone()));
+            }
+            // Same volume again: a resize, or a repeated create.
+            if change.size_bytes > meta.size_bytes {
+                if let Some(local) = &v.local {
+                    local.store.grow(change.size_bytes).await?;
+                }
+                meta.size_bytes = change.size_bytes;
+                write_meta(&self.volumes_dir.join(&meta.id), &meta)?;
+                v.set_meta(meta);
+            }
+            return Ok(());
+        }
+        let meta = VolumeMeta {
+            id: change.id.clone(),
+            name: change.name.clone(),
+            size_bytes: change.size_bytes,
+            replica_count: change.replicas.len() as u32,
+            created_at_unix_s: change.created_at_unix_s,
+            group_id: change.group_id,
+            replicas: change.replicas.clone(),
+        };
+        let staging = self.volumes_dir.join(format!(".creating-{}", meta.id));
+        let final_dir = self.volumes_dir.join(&meta.id);
         let io_err = |p: &Path, e| DaemonError::io(p.display().to_string(), e);
         fs::create_dir(&staging).map_err(|e| io_err(&staging, e))?;
-        let built = (|| -> Result<UringStore> {
-            let store = UringStore::create(&self.engine, &staging.join(IMAGE_FILE), size_bytes)?;
+        let local_replica = meta.replicas.contains(&self.node_id);
+        let built = (|| -> Result<Option<UringStore>> {
+            let store = if local_replica {
+                Some(UringStore::create(
+                    &self.engine,
+                    &staging.join(IMAGE_FILE),
+                    meta.size_bytes,
+                )?)
+            } else {
+                None
+            };
             write_meta(&staging, &meta)?;
             statefile::fsync_dir(&staging)?;
             fs::rename(&staging, &final_dir).map_err(|e| io_err(&final_dir, e))?;
@@ -222,57 +512,74 @@ impl Catalog {
                 return Err(e);
             }
         };
-        // The store was opened under the staging path; the open file is the same.
-        let volume = Volume::new(meta, store);
-        self.write_map().insert(name.to_string(), volume.clone());
-        info!(volume = %name, %id, size_bytes, "volume created");
-        Ok(volume)
-    }
-
-    pub async fn delete(&self, name: &str, force: bool) -> Result<()> {
-        let _guard = self.admin_lock.lock().await;
-        let volume = {
-            let mut map = self.write_map();
-            let v = map
-                .get(name)
-                .cloned()
-                .ok_or_else(|| DaemonError::VolumeNotFound(name.to_string()))?;
-            let open = v.open_sessions();
-            if open > 0 && !force {
-                return Err(DaemonError::FailedPrecondition(format!(
-                    "volume \"{name}\" has {open} open NBD session(s); disconnect them or delete with --force"
-                )));
-            }
-            // Removed under the lock, so no new session can open it.
-            map.remove(name);
-            v
+        let local = match store {
+            // The open file moved with its directory; only the path changed.
+            Some(store) => Some(self.start_replica(&meta, &final_dir, store, true)?),
+            None => None,
         };
-        if volume.open_sessions() > 0 {
-            volume.revoke_sessions();
-            let deadline = Instant::now() + REVOKE_WAIT;
-            while volume.open_sessions() > 0 {
-                if Instant::now() >= deadline {
-                    self.write_map().insert(name.to_string(), volume.clone());
-                    return Err(DaemonError::FailedPrecondition(format!(
-                        "volume \"{name}\": sessions did not close within {REVOKE_WAIT:?}"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let id = volume.meta().id;
-        let dir = self.volumes_dir.join(&id);
-        let doomed = self.volumes_dir.join(format!(".deleting-{id}"));
-        fs::rename(&dir, &doomed).map_err(|e| DaemonError::io(dir.display().to_string(), e))?;
-        statefile::fsync_dir(&self.volumes_dir)?;
-        fs::remove_dir_all(&doomed).map_err(|e| DaemonError::io(doomed.display().to_string(), e))?;
-        info!(volume = %name, %id, "volume deleted");
+        let v = Volume::new(meta.clone(), local, self.node_id, self.transport.clone());
+        self.write_map().insert(meta.name.clone(), v);
         Ok(())
     }
 
-    pub async fn resize(&self, name: &str, new_size_bytes: u64) -> Result<Arc<LocalVolume>> {
-        validate_size("new_size_bytes", new_size_bytes)?;
+    pub async fn delete(&self, name: &str, force: bool) -> Result<()> {
+        let v = self.get(name)?;
+        let open = v.open_sessions();
+        if open > 0 && !force {
+            return Err(DaemonError::FailedPrecondition(format!(
+                "volume \"{name}\" has {open} open NBD session(s); disconnect them or delete with --force"
+            )));
+        }
+        let meta = v.meta();
+        let change = change_of(&meta, true);
+        self.broadcast(&change, &[]).await?;
         let _guard = self.admin_lock.lock().await;
+        self.remove_locally(name, &meta.id).await
+    }
+
+    async fn remove_locally(&self, name: &str, id: &str) -> Result<()> {
+        let volume = {
+            let mut map = self.write_map();
+            match map.get(name) {
+                Some(v) if v.meta().id == id => {}
+                // Already gone (a repeated delete): nothing to do.
+                _ => return Ok(()),
+            }
+            map.remove(name)
+        };
+        let Some(volume) = volume else { return Ok(()) };
+        if volume.open_sessions() > 0 {
+            volume.revoke_sessions();
+            let deadline = Instant::now() + REVOKE_WAIT;
+            while volume.open_sessions() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let meta = volume.meta();
+        if let Some(local) = &volume.local {
+            let _ = local.group.send(GroupEvent::Stop).await;
+            self.groups
+                .write()
+                .expect("group map lock poisoned")
+                .remove(&meta.group_id);
+            let log = self.log.clone();
+            let group_id = meta.group_id;
+            tokio::task::spawn_blocking(move || log.remove_group(group_id))
+                .await
+                .map_err(|e| DaemonError::io("removing the raft log group", std::io::Error::other(e)))?
+                .map_err(|e| DaemonError::io("removing the raft log group", std::io::Error::other(e)))?;
+        }
+        let dir = self.volumes_dir.join(&meta.id);
+        let doomed = self.volumes_dir.join(format!(".deleting-{}", meta.id));
+        fs::rename(&dir, &doomed).map_err(|e| DaemonError::io(dir.display().to_string(), e))?;
+        statefile::fsync_dir(&self.volumes_dir)?;
+        fs::remove_dir_all(&doomed).map_err(|e| DaemonError::io(doomed.display().to_string(), e))?;
+        info!(volume = %name, id = %meta.id, "volume deleted");
+        Ok(())
+    }
+
+    pub async fn resize(&self, name: &str, new_size_bytes: u64) -> Result<Arc<Volume>> {
+        validate_size("new_size_bytes", new_size_bytes)?;
         let volume = self.get(name)?;
         let mut meta = volume.meta();
         if new_size_bytes < meta.size_bytes {
@@ -284,28 +591,24 @@ impl Catalog {
         if new_size_bytes == meta.size_bytes {
             return Ok(volume);
         }
-        // Image first, then metadata: a crash in between leaves an image
-        // longer than the volume, which opens fine.
-        volume.store().grow(new_size_bytes).await?;
         meta.size_bytes = new_size_bytes;
-        write_meta(&self.volumes_dir.join(&meta.id), &meta)?;
-        volume.set_meta(meta);
+        let change = change_of(&meta, false);
+        self.broadcast(&change, &meta.replicas).await?;
+        self.apply_change(change).await?;
         info!(volume = %name, new_size_bytes, "volume grown; new sessions see the new size");
         Ok(volume)
     }
 
-    /// Syncs every volume; used at shutdown.
-    pub async fn sync_all(&self) -> Result<()> {
-        for v in self.list() {
-            if !v.is_failed() {
-                v.sync().await?;
-            }
+    /// Stops every local replica's driver; used at shutdown, after the NBD
+    /// sessions have finished.
+    pub async fn stop_all(&self) {
+        for g in self.all_groups() {
+            let _ = g.send(GroupEvent::Stop).await;
         }
-        Ok(())
     }
 }
 
-fn export_info(v: &LocalVolume) -> ExportInfo {
+fn export_info(v: &Volume) -> ExportInfo {
     let m = v.meta();
     ExportInfo {
         description: format!("trireme volume {} ({} bytes, id {})", m.name, m.size_bytes, m.id),
@@ -315,7 +618,7 @@ fn export_info(v: &LocalVolume) -> ExportInfo {
 }
 
 impl ExportRegistry for Catalog {
-    type Device = VolumeSession<UringStore>;
+    type Device = VolumeSession;
 
     fn list(&self) -> Vec<ExportInfo> {
         self.read_map().values().map(|v| export_info(v)).collect()
@@ -328,9 +631,6 @@ impl ExportRegistry for Catalog {
     fn open(&self, name: &str) -> std::result::Result<OpenedExport<Self::Device>, String> {
         let map = self.read_map();
         let v = map.get(name).ok_or_else(|| format!("export \"{name}\" not found"))?;
-        if v.is_failed() {
-            return Err(format!("volume \"{name}\" is stopped after an I/O error"));
-        }
         let (session, revoked) = v.open_session();
         Ok(OpenedExport {
             info: export_info(v),

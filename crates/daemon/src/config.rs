@@ -28,6 +28,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// How long SIGTERM waits for NBD sessions to finish in-flight requests.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -66,6 +68,46 @@ pub struct MetricsConfig {
     #[serde(default)]
     pub listen: Option<String>,
 }
+
+/// The nodes of the cluster and how they reach each other.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Shared secret every peer must present; required with more than one node.
+    #[serde(default)]
+    pub secret: String,
+    /// This node's peer listener (Raft messages, forwarded I/O, catalog changes).
+    #[serde(default = "default_peer_listen")]
+    pub peer_listen: String,
+    /// Every node of the cluster, this one included. Empty: a one-node cluster.
+    #[serde(default)]
+    pub nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub id: u64,
+    /// The node's peer listener, IP:PORT.
+    pub peer: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            secret: String::new(),
+            peer_listen: default_peer_listen(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+fn default_peer_listen() -> String {
+    "127.0.0.1:7400".into()
+}
+
+/// Shortest secret accepted: long enough not to be guessed on a LAN.
+const MIN_SECRET_CHARS: usize = 16;
 
 fn default_cluster_id() -> String {
     "trireme".into()
@@ -155,6 +197,7 @@ impl Config {
                     nbd: NbdConfig::default(),
                     admin: AdminConfig::default(),
                     metrics: MetricsConfig::default(),
+                    cluster: ClusterConfig::default(),
                     shutdown_timeout_ms: default_shutdown_timeout_ms(),
                 }
             }
@@ -241,6 +284,28 @@ impl Config {
         if self.nbd.handshake_timeout_ms == 0 {
             return Err("nbd.handshake_timeout_ms must be positive".into());
         }
+        parse_addr("cluster.peer_listen", &self.cluster.peer_listen)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, n) in self.cluster.nodes.iter().enumerate() {
+            if n.id == 0 {
+                return Err(format!("cluster.nodes[{i}].id must be at least 1"));
+            }
+            if !seen.insert(n.id) {
+                return Err(format!("cluster.nodes[{i}].id {} appears twice", n.id));
+            }
+            parse_addr(&format!("cluster.nodes[{i}].peer"), &n.peer)?;
+        }
+        if !self.cluster.nodes.is_empty() && !seen.contains(&self.node_id) {
+            return Err(format!(
+                "cluster.nodes does not list this node (node_id {})",
+                self.node_id
+            ));
+        }
+        if self.cluster.nodes.len() > 1 && self.cluster.secret.chars().count() < MIN_SECRET_CHARS {
+            return Err(format!(
+                "cluster.secret must be at least {MIN_SECRET_CHARS} characters when the cluster has more than one node"
+            ));
+        }
         Ok(())
     }
 
@@ -250,6 +315,28 @@ impl Config {
     pub fn admin_addr(&self) -> SocketAddr {
         parse_addr("admin.listen", &self.admin.listen).expect("validated in Config::load")
     }
+    pub fn peer_addr(&self) -> SocketAddr {
+        parse_addr("cluster.peer_listen", &self.cluster.peer_listen).expect("validated in Config::load")
+    }
+
+    /// Every node's peer address, this one included; a one-node cluster
+    /// when none are configured.
+    pub fn cluster_nodes(&self) -> std::collections::BTreeMap<u64, SocketAddr> {
+        let mut m: std::collections::BTreeMap<u64, SocketAddr> = self
+            .cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.id,
+                    parse_addr("cluster.nodes.peer", &n.peer).expect("validated in Config::load"),
+                )
+            })
+            .collect();
+        m.entry(self.node_id).or_insert_with(|| self.peer_addr());
+        m
+    }
+
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics
             .listen
@@ -301,6 +388,14 @@ mod tests {
             ),
             ("node_id = 1\ndata_dir = \"/x\"\ncluster_id = \"a b\"\n", "cluster_id"),
             ("node_id = [\n", "TOML"),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[cluster]\nsecret = \"0123456789abcdef\"\n[[cluster.nodes]]\nid = 2\npeer = \"127.0.0.1:1\"\n",
+                "does not list this node",
+            ),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[cluster]\nsecret = \"short\"\n[[cluster.nodes]]\nid = 1\npeer = \"127.0.0.1:1\"\n[[cluster.nodes]]\nid = 2\npeer = \"127.0.0.1:2\"\n",
+                "cluster.secret",
+            ),
         ];
         for (text, field) in cases {
             let e = load_str(text).expect_err(text).to_string();

@@ -11,7 +11,10 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod group;
+pub mod logwriter;
 pub mod node;
+pub mod peer;
 pub mod volume;
 
 pub use config::{Config, Overrides};

@@ -22,6 +22,10 @@ use crate::admin::{NodeApi, VolumeApi};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::{DaemonError, Result};
+use crate::logwriter::LogWriter;
+use crate::peer::{self, PeerApi};
+use trireme_raftlog::{EngineLog, RaftLogStore};
+use trireme_transport::{Transport, TransportConfig};
 
 /// DATA_DIR/node.toml: who this data dir belongs to, written once.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -105,6 +109,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 }
 
 pub struct Node {
+    transport: Transport,
+    peer_server: Option<JoinHandle<()>>,
     shutdown_tx: watch::Sender<bool>,
     nbd: Arc<Server<Catalog>>,
     catalog: Arc<Catalog>,
@@ -120,7 +126,43 @@ impl Node {
         let started = Instant::now();
         let (data_dir, lock) = prepare_data_dir(&config)?;
         let engine = IoEngine::start()?;
-        let catalog = Arc::new(Catalog::load(&data_dir, engine)?);
+        let log_dir = data_dir.join("raft-log");
+        let log: Arc<dyn RaftLogStore> = Arc::new(EngineLog::open(&log_dir).map_err(|e| DaemonError::DataDir {
+            path: log_dir.clone(),
+            reason: format!("raft log: {e}"),
+        })?);
+        let nodes = config.cluster_nodes();
+        let peers = nodes
+            .iter()
+            .filter(|(id, _)| **id != config.node_id)
+            .map(|(id, a)| (*id, *a))
+            .collect();
+        let peer_api = Arc::new(PeerApi::default());
+        // A one-node cluster has no peers and no peer listener; its
+        // transport never authenticates anyone, so any secret will do.
+        let secret = match config.cluster.secret.as_str() {
+            "" if nodes.len() <= 1 => "one-node-cluster".to_string(),
+            s => s.to_string(),
+        };
+        let transport_config = TransportConfig::new(config.node_id, config.cluster_id.clone(), secret, peers);
+        let (transport, inbound, peer_service) =
+            Transport::start(transport_config.clone(), peer_api.clone()).map_err(|e| DaemonError::Config {
+                path: "cluster".into(),
+                reason: e.to_string(),
+            })?;
+        let log_writer = LogWriter::start(log.clone(), transport.clone())
+            .map_err(|e| DaemonError::io("starting the log writer thread", e))?;
+        let catalog = Arc::new(Catalog::load(
+            config.node_id,
+            &data_dir,
+            engine,
+            log,
+            log_writer,
+            transport.clone(),
+            nodes.clone(),
+        )?);
+        let _ = peer_api.catalog.set(catalog.clone());
+        tokio::spawn(peer::route_inbound(catalog.clone(), transport.clone(), inbound));
 
         let nbd_addr = config.nbd_addr();
         let tcp = TcpListener::bind(nbd_addr)
@@ -139,6 +181,28 @@ impl Node {
         }
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut peer_server = None;
+        if nodes.len() > 1 {
+            let peer_addr = config.peer_addr();
+            let peer_listener = TcpListener::bind(peer_addr)
+                .await
+                .map_err(|e| DaemonError::io(format!("binding cluster.peer_listen {peer_addr}"), e))?;
+            let mut stop = shutdown_rx.clone();
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
+            peer_server = Some(tokio::spawn(async move {
+                // The transport's builder adds HTTP/2 keepalive, so streams
+                // from a stopped (SIGSTOP) peer are closed on this side too.
+                let r = trireme_transport::server_builder(&transport_config)
+                    .add_service(peer_service)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    warn!("peer server stopped: {e}");
+                }
+            }));
+        }
         let server_config = ServerConfig {
             max_connections: config.nbd.max_connections,
             max_inflight_requests_per_connection: config.nbd.max_inflight_requests_per_connection,
@@ -191,6 +255,8 @@ impl Node {
             "triremed ready"
         );
         Ok(Node {
+            transport,
+            peer_server,
             shutdown_tx,
             nbd,
             catalog,
@@ -217,7 +283,15 @@ impl Node {
             );
         }
         let _ = self.admin.await;
-        self.catalog.sync_all().await?;
+        // Every acknowledged write is already in the durable Raft log; the
+        // replicas just stop.
+        self.catalog.stop_all().await;
+        // Raft streams never end on their own; the peer server's graceful
+        // stop waits for them.
+        self.transport.shutdown();
+        if let Some(p) = self.peer_server {
+            let _ = p.await;
+        }
         if let Some(p) = &self.unix_socket {
             let _ = fs::remove_file(p);
         }

@@ -1,20 +1,29 @@
-//! One volume on this node and the NBD sessions open on it.
+//! A volume as this node sees it, and the NBD sessions open on it.
 //!
-//! In this single-node build a write is acknowledged once it is in the image
-//! and the image has been fdatasynced (group-committed with every other
-//! write waiting at the same time). When replication lands, a replicated
-//! volume implements the same `BlockDevice` and acknowledges on quorum
-//! commit instead; the NBD layer does not change.
+//! Every node knows every volume (its catalog entry); the nodes in
+//! `meta.replicas` also hold a replica: an image and a Raft group. A
+//! session's requests go to the group's leader: locally when this node
+//! leads, otherwise forwarded over the peer transport, and retried on the
+//! new leader when leadership moves, so a failover is a pause, not an
+//! error. A write is acknowledged once its entry is committed (durable in
+//! the Raft log of a majority) and applied.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::error;
+use tracing::{debug, warn};
 use trireme_nbd::{BlockDevice, DeviceError, DeviceResult, Errno};
-use trireme_storage::{BlockStore, StorageError, ZeroMode};
+use trireme_replica::{Segment, VolumeOp};
+use trireme_storage::BlockStore;
+use trireme_storage::uring::UringStore;
+use trireme_transport::{ForwardReply, ForwardRequest, Transport};
+
+use crate::group::{GroupError, GroupHandle, GroupStatus};
 
 /// What `volume.meta` holds (a checksummed state file).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -24,33 +33,93 @@ pub struct VolumeMeta {
     pub size_bytes: u64,
     pub replica_count: u32,
     pub created_at_unix_s: u64,
+    /// The volume's Raft group id.
+    pub group_id: u64,
+    /// Nodes holding a replica.
+    pub replicas: Vec<u64>,
 }
 
-/// Zero-filled source for writing zeroes where the filesystem can't punch.
-static ZEROES: [u8; 1 << 20] = [0u8; 1 << 20];
+/// How long a request keeps looking for a leader before it fails with EIO.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-pub struct Volume<S> {
+/// Forwarded-request operation codes (ForwardRequest.op).
+pub mod fwd_op {
+    pub const READ: u32 = 0;
+    pub const WRITE: u32 = 1;
+    pub const ZERO: u32 = 2;
+    pub const TRIM: u32 = 3;
+    pub const FLUSH: u32 = 4;
+    /// Read the applied state without ReadIndex: snapshot copies only.
+    pub const READ_LOCAL: u32 = 5;
+    /// Attach to node `offset`.
+    pub const ATTACH: u32 = 6;
+    /// The group status as JSON in `data`.
+    pub const STATUS: u32 = 7;
+}
+
+/// Forwarded-reply codes (ForwardReply.errno) beyond the NBD errnos.
+pub mod fwd_code {
+    pub const OK: u32 = 0;
+    pub const NOT_LEADER: u32 = 1000;
+    pub const RETRY: u32 = 1001;
+    pub const FENCED: u32 = 1002;
+    pub const FAILED: u32 = 1003;
+}
+
+pub fn group_error_to_reply(e: GroupError) -> ForwardReply {
+    let (errno, leader_hint) = match &e {
+        GroupError::NotLeader(h) => (fwd_code::NOT_LEADER, *h),
+        GroupError::Retry(_) => (fwd_code::RETRY, 0),
+        GroupError::Fenced(_) => (fwd_code::FENCED, 0),
+        GroupError::Failed(_) => (fwd_code::FAILED, 0),
+    };
+    ForwardReply {
+        errno,
+        message: e.to_string(),
+        data: Vec::new(),
+        leader_hint,
+    }
+}
+
+fn reply_to_result(r: ForwardReply) -> Result<Bytes, GroupError> {
+    match r.errno {
+        fwd_code::OK => Ok(Bytes::from(r.data)),
+        fwd_code::NOT_LEADER => Err(GroupError::NotLeader(r.leader_hint)),
+        fwd_code::FENCED => Err(GroupError::Fenced(r.message)),
+        fwd_code::FAILED => Err(GroupError::Failed(r.message)),
+        _ => Err(GroupError::Retry(r.message)),
+    }
+}
+
+pub struct LocalReplica {
+    pub store: Arc<UringStore>,
+    pub group: GroupHandle,
+    pub dir: PathBuf,
+}
+
+pub struct Volume {
     meta: std::sync::Mutex<VolumeMeta>,
     size_bytes: AtomicU64,
-    store: S,
+    pub local: Option<LocalReplica>,
+    node_id: u64,
+    transport: Transport,
     open_sessions: AtomicU32,
     revoke: watch::Sender<bool>,
-    /// Set after an fdatasync failed: the kernel may have dropped the dirty
-    /// pages, so nothing written since the last good sync can be trusted to
-    /// be durable. The volume refuses I/O until the node restarts.
-    failed: AtomicBool,
 }
 
-impl<S: BlockStore> Volume<S> {
-    pub fn new(meta: VolumeMeta, store: S) -> Arc<Volume<S>> {
+impl Volume {
+    pub fn new(meta: VolumeMeta, local: Option<LocalReplica>, node_id: u64, transport: Transport) -> Arc<Volume> {
         let (revoke, _) = watch::channel(false);
         Arc::new(Volume {
             size_bytes: AtomicU64::new(meta.size_bytes),
             meta: std::sync::Mutex::new(meta),
-            store,
+            local,
+            node_id,
+            transport,
             open_sessions: AtomicU32::new(0),
             revoke,
-            failed: AtomicBool::new(false),
         })
     }
 
@@ -67,239 +136,365 @@ impl<S: BlockStore> Volume<S> {
         self.size_bytes.load(Ordering::SeqCst)
     }
 
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
     pub fn open_sessions(&self) -> u32 {
         self.open_sessions.load(Ordering::SeqCst)
     }
 
-    pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
+    pub fn local_status(&self) -> Option<GroupStatus> {
+        self.local.as_ref().map(|l| l.group.status())
     }
 
-    /// Opens a session; it counts as open until the returned value is dropped.
-    pub fn open_session(self: &Arc<Self>) -> (VolumeSession<S>, watch::Receiver<bool>) {
+    /// Opens a session with the writer epoch current on this node.
+    pub fn open_session(self: &Arc<Self>) -> (VolumeSession, watch::Receiver<bool>) {
         self.open_sessions.fetch_add(1, Ordering::SeqCst);
-        (VolumeSession { volume: self.clone() }, self.revoke.subscribe())
+        let (epoch, attached) = self
+            .local_status()
+            .map(|s| (s.epoch, s.attached_node))
+            .unwrap_or((0, 0));
+        let (session_revoke, rx) = watch::channel(false);
+        // Volume-wide revocation (delete) reaches every session too.
+        let mut volume_revoked = self.revoke.subscribe();
+        let tx = session_revoke.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = volume_revoked.wait_for(|v| *v) => if r.is_ok() { tx.send_replace(true); },
+                _ = tx.closed() => {}
+            }
+        });
+        let writer = attached == 0 || attached == self.node_id;
+        (
+            VolumeSession {
+                volume: self.clone(),
+                epoch,
+                writer,
+                revoke: session_revoke,
+            },
+            rx,
+        )
     }
 
-    /// Asks every open session to finish its in-flight requests and close.
     pub fn revoke_sessions(&self) {
         self.revoke.send_replace(true);
     }
 
-    pub async fn sync(&self) -> Result<(), StorageError> {
-        self.store.sync().await
-    }
-
-    fn check_usable(&self) -> DeviceResult<()> {
-        if self.is_failed() {
-            let name = self.meta().name;
-            return Err(DeviceError::new(
-                Errno::Io,
-                format!("volume {name} stopped after an fdatasync error; restart the node to recover"),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Makes everything written so far durable, or fails the volume.
-    async fn commit(&self) -> DeviceResult<()> {
-        let r = self.store.sync().await;
-        self.checked(r)
-    }
-
-    /// Passes a storage result on; a failed fdatasync also fails the volume.
-    fn checked(&self, r: Result<(), StorageError>) -> DeviceResult<()> {
-        match r {
-            Ok(()) => Ok(()),
-            Err(e @ StorageError::Sync(_)) => {
-                self.failed.store(true, Ordering::SeqCst);
-                error!(volume = %self.meta().name, "fdatasync failed, volume stopped: {e}");
-                Err(to_device_error(e))
+    /// The node to try first: the leader if this node knows it, else itself
+    /// when it holds a replica, else the first replica.
+    fn first_target(&self) -> u64 {
+        if let Some(s) = self.local_status() {
+            if s.leader != 0 {
+                return s.leader;
             }
-            Err(e) => Err(to_device_error(e)),
+            return self.node_id;
         }
+        self.meta().replicas.first().copied().unwrap_or(self.node_id)
+    }
+
+    fn next_replica(&self, after: u64) -> u64 {
+        let replicas = self.meta().replicas;
+        let i = replicas.iter().position(|r| *r == after).map(|i| i + 1).unwrap_or(0);
+        replicas.get(i % replicas.len().max(1)).copied().unwrap_or(self.node_id)
+    }
+
+    /// Runs one operation on the leader (or, for reads, on a replica that
+    /// can prove freshness), retrying across leader changes until
+    /// ROUTE_TIMEOUT.
+    async fn route(&self, req: ForwardRequest) -> Result<Bytes, GroupError> {
+        let deadline = Instant::now() + ROUTE_TIMEOUT;
+        let mut target = self.first_target();
+        let mut backoff = BACKOFF_MIN;
+        let is_read = req.op == fwd_op::READ;
+        loop {
+            let local = target == self.node_id && self.local.is_some();
+            // Reads are served by the local replica whenever there is one:
+            // ReadIndex proves freshness through the leader.
+            let result = if local || (is_read && self.local.is_some()) {
+                self.execute_local(&req).await
+            } else {
+                match self.transport.forward(target, req.clone()).await {
+                    Ok(reply) => reply_to_result(reply),
+                    Err(e) => Err(GroupError::NotLeader(0)).inspect_err(|_| debug!("forward to node {target}: {e}")),
+                }
+            };
+            let wait = match result {
+                Ok(data) => return Ok(data),
+                Err(e @ (GroupError::Fenced(_) | GroupError::Failed(_))) => return Err(e),
+                Err(GroupError::NotLeader(hint)) if hint != 0 && hint != target => {
+                    target = hint;
+                    false
+                }
+                Err(GroupError::NotLeader(_)) => {
+                    target = match self.local_status().map(|s| s.leader) {
+                        Some(l) if l != 0 && l != target => l,
+                        _ => self.next_replica(target),
+                    };
+                    true
+                }
+                Err(GroupError::Retry(_)) => true,
+            };
+            if Instant::now() >= deadline {
+                return Err(GroupError::Failed(format!(
+                    "volume {}: no leader answered within {ROUTE_TIMEOUT:?}",
+                    self.meta().name
+                )));
+            }
+            if wait {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    /// Executes a (possibly forwarded) request against the local replica,
+    /// without forwarding it further.
+    pub async fn execute_local(&self, req: &ForwardRequest) -> Result<Bytes, GroupError> {
+        let Some(local) = &self.local else {
+            return Err(GroupError::NotLeader(0));
+        };
+        let group = &local.group;
+        match req.op {
+            fwd_op::READ | fwd_op::READ_LOCAL => {
+                let segments = group.read(req.offset, req.length, req.op == fwd_op::READ_LOCAL).await?;
+                materialize(&local.store, segments, req.length)
+                    .await
+                    .map_err(GroupError::Failed)
+            }
+            fwd_op::WRITE => {
+                let op = VolumeOp::Write {
+                    offset: req.offset,
+                    data: Bytes::from(req.data.clone()),
+                };
+                group.write(req.epoch, op).await.map(|_| Bytes::new())
+            }
+            fwd_op::ZERO | fwd_op::TRIM => {
+                let op = VolumeOp::Zero {
+                    offset: req.offset,
+                    length: req.length,
+                };
+                group.write(req.epoch, op).await.map(|_| Bytes::new())
+            }
+            fwd_op::FLUSH => Ok(Bytes::new()),
+            fwd_op::ATTACH => {
+                let node = req.offset;
+                group.write(0, VolumeOp::Attach { node_id: node }).await?;
+                if self.meta().replicas.contains(&node) {
+                    let _ = group.send(crate::group::GroupEvent::TransferLeader(node)).await;
+                }
+                Ok(Bytes::new())
+            }
+            fwd_op::STATUS => {
+                let s = group.status();
+                if s.role != "leader" {
+                    return Err(GroupError::NotLeader(s.leader));
+                }
+                Ok(Bytes::from(status_json(&s)))
+            }
+            other => Err(GroupError::Failed(format!("unknown forwarded op {other}"))),
+        }
+    }
+
+    fn request(&self, op: u32, epoch: u64, offset: u64, length: u64, data: Bytes) -> ForwardRequest {
+        ForwardRequest {
+            volume: self.meta().name,
+            epoch,
+            op,
+            offset,
+            length,
+            data: data.to_vec(),
+            may_trim: true,
+        }
+    }
+
+    /// Commits a new writer epoch bound to `node` and moves leadership there.
+    pub async fn attach(&self, node: u64) -> Result<(), GroupError> {
+        self.route(self.request(fwd_op::ATTACH, 0, node, 0, Bytes::new()))
+            .await
+            .map(|_| ())
+    }
+
+    /// The leader's view of the group (replica progress), from wherever it is.
+    pub async fn leader_status(&self) -> Option<GroupStatus> {
+        let req = self.request(fwd_op::STATUS, 0, 0, 0, Bytes::new());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut target = self.first_target();
+        while Instant::now() < deadline {
+            let r = if target == self.node_id {
+                self.execute_local(&req).await
+            } else {
+                match self.transport.forward(target, req.clone()).await {
+                    Ok(reply) => reply_to_result(reply),
+                    Err(_) => Err(GroupError::NotLeader(0)),
+                }
+            };
+            match r {
+                Ok(data) => return parse_status_json(&data),
+                Err(GroupError::NotLeader(h)) if h != 0 => target = h,
+                Err(_) => {
+                    target = self.next_replica(target);
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                }
+            }
+        }
+        None
     }
 }
 
-fn to_device_error(e: StorageError) -> DeviceError {
-    let errno = match &e {
-        // ENOSPC, EDQUOT and EFBIG all become NBD_ENOSPC (proto.md "Error values").
-        StorageError::Io { source, .. } | StorageError::Sync(source) => match source.raw_os_error() {
-            Some(28 | 122 | 27) => Errno::NoSpc,
-            _ => Errno::Io,
-        },
-        StorageError::Unsupported(_) => Errno::NotSup,
-        _ => Errno::Io,
+pub fn status_json(s: &GroupStatus) -> Vec<u8> {
+    let progress: Vec<serde_json::Value> = s
+        .progress
+        .iter()
+        .map(|(id, m, st)| {
+            let lag_bytes = s.lag_bytes.iter().find(|(i, _)| i == id).map(|(_, b)| *b).unwrap_or(0);
+            serde_json::json!({"node": id, "match": m, "state": st, "lag_bytes": lag_bytes})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "role": s.role, "leader": s.leader, "term": s.term, "commit": s.commit_index,
+        "applied": s.applied_index, "last": s.last_index, "epoch": s.epoch,
+        "attached": s.attached_node, "progress": progress,
+    }))
+    .unwrap_or_default()
+}
+
+fn parse_status_json(b: &[u8]) -> Option<GroupStatus> {
+    let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+    let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let mut s = GroupStatus {
+        role: "leader",
+        leader: n("leader"),
+        term: n("term"),
+        commit_index: n("commit"),
+        applied_index: n("applied"),
+        last_index: n("last"),
+        epoch: n("epoch"),
+        attached_node: n("attached"),
+        ..GroupStatus::default()
     };
-    DeviceError::new(errno, e.to_string())
+    for p in v.get("progress")?.as_array()? {
+        let id = p.get("node")?.as_u64()?;
+        let state = match p.get("state").and_then(|x| x.as_str()) {
+            Some("replicate") => "replicate",
+            Some("snapshot") => "snapshot",
+            _ => "probe",
+        };
+        s.progress.push((id, p.get("match")?.as_u64()?, state));
+        s.lag_bytes
+            .push((id, p.get("lag_bytes").and_then(|x| x.as_u64()).unwrap_or(0)));
+    }
+    Some(s)
+}
+
+/// Turns a read's segments into bytes: cached extents as they are, holes
+/// and zeroed ranges as zeroes, the rest from the image.
+pub async fn materialize(store: &UringStore, segments: Vec<Segment>, length: u64) -> Result<Bytes, String> {
+    if let [Segment::Cached { data, .. }] = segments.as_slice() {
+        return Ok(data.clone());
+    }
+    if let [Segment::Image { offset, length }] = segments.as_slice() {
+        return store.read(*offset, *length as usize).await.map_err(|e| e.to_string());
+    }
+    let mut out = BytesMut::with_capacity(length as usize);
+    for s in segments {
+        match s {
+            Segment::Cached { data, .. } => out.extend_from_slice(&data),
+            Segment::Zero { length, .. } => out.resize(out.len() + length as usize, 0),
+            Segment::Image { offset, length } => {
+                let data = store.read(offset, length as usize).await.map_err(|e| e.to_string())?;
+                out.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(out.freeze())
 }
 
 /// One NBD session's handle on a volume.
-pub struct VolumeSession<S: BlockStore> {
-    volume: Arc<Volume<S>>,
+pub struct VolumeSession {
+    volume: Arc<Volume>,
+    /// Writer epoch the session was opened under.
+    epoch: u64,
+    /// Whether this node may write (the volume is unattached or attached here).
+    writer: bool,
+    revoke: watch::Sender<bool>,
 }
 
-impl<S: BlockStore> Drop for VolumeSession<S> {
+impl Drop for VolumeSession {
     fn drop(&mut self) {
         self.volume.open_sessions.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-impl<S: BlockStore> BlockDevice for VolumeSession<S> {
+impl VolumeSession {
+    fn to_device(&self, e: GroupError) -> DeviceError {
+        match e {
+            GroupError::Fenced(msg) => {
+                // C3: this session's writer generation is over; close it.
+                warn!(volume = %self.volume.meta().name, epoch = self.epoch, "session fenced: {msg}");
+                self.revoke.send_replace(true);
+                DeviceError::new(Errno::Perm, format!("fenced: {msg}"))
+            }
+            other => DeviceError::new(Errno::Io, other.to_string()),
+        }
+    }
+
+    fn check_writer(&self) -> DeviceResult<()> {
+        if self.writer {
+            return Ok(());
+        }
+        let attached = self.volume.local_status().map(|s| s.attached_node).unwrap_or(0);
+        Err(DeviceError::new(
+            Errno::Perm,
+            format!("volume is attached to node {attached}; writes go through it"),
+        ))
+    }
+
+    async fn write_op(&self, op: u32, offset: u64, length: u64, data: Bytes) -> DeviceResult<()> {
+        self.check_writer()?;
+        let req = self.volume.request(op, self.epoch, offset, length, data);
+        self.volume.route(req).await.map(|_| ()).map_err(|e| self.to_device(e))
+    }
+}
+
+impl BlockDevice for VolumeSession {
     async fn read(&self, offset: u64, length: u32) -> DeviceResult<Bytes> {
-        self.volume.check_usable()?;
-        self.volume
-            .store
-            .read(offset, length as usize)
-            .await
-            .map_err(to_device_error)
+        let req = self
+            .volume
+            .request(fwd_op::READ, self.epoch, offset, u64::from(length), Bytes::new());
+        let data = self.volume.route(req).await.map_err(|e| self.to_device(e))?;
+        if data.len() != length as usize {
+            return Err(DeviceError::new(
+                Errno::Io,
+                format!("read returned {} of {length} bytes", data.len()),
+            ));
+        }
+        Ok(data)
     }
 
     async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> DeviceResult<()> {
-        // Every write is durable before its reply, so FUA needs nothing more.
-        self.volume.check_usable()?;
-        let r = self.volume.store.write_durable(offset, data).await;
-        self.volume.checked(r)
+        // Acknowledged only once committed on a quorum's durable logs: FUA needs nothing more.
+        let length = data.len() as u64;
+        self.write_op(fwd_op::WRITE, offset, length, data).await
     }
 
     async fn write_zeroes(
         &self,
         offset: u64,
         length: u32,
-        may_trim: bool,
-        fast_only: bool,
+        _may_trim: bool,
+        _fast_only: bool,
         _fua: bool,
     ) -> DeviceResult<()> {
-        self.volume.check_usable()?;
-        let mode = if may_trim { ZeroMode::Punch } else { ZeroMode::Allocate };
-        match self.volume.store.write_zeroes(offset, u64::from(length), mode).await {
-            Ok(()) => {}
-            Err(StorageError::Unsupported(_)) if fast_only => {
-                return Err(DeviceError::new(
-                    Errno::NotSup,
-                    "zeroing would be no faster than writing",
-                ));
-            }
-            Err(StorageError::Unsupported(_)) => {
-                let mut done = 0u64;
-                while done < u64::from(length) {
-                    let n = (u64::from(length) - done).min(ZEROES.len() as u64) as usize;
-                    let chunk = Bytes::from_static(&ZEROES[..n]);
-                    self.volume
-                        .store
-                        .write(offset + done, chunk)
-                        .await
-                        .map_err(to_device_error)?;
-                    done += n as u64;
-                }
-            }
-            Err(e) => return Err(to_device_error(e)),
-        }
-        self.volume.commit().await
+        // A zero entry is a few bytes in the log whatever the range: always fast.
+        self.write_op(fwd_op::ZERO, offset, u64::from(length), Bytes::new())
+            .await
     }
 
     async fn trim(&self, offset: u64, length: u32, _fua: bool) -> DeviceResult<()> {
-        self.volume.check_usable()?;
-        match self
-            .volume
-            .store
-            .write_zeroes(offset, u64::from(length), ZeroMode::Punch)
+        self.write_op(fwd_op::TRIM, offset, u64::from(length), Bytes::new())
             .await
-        {
-            Ok(()) => self.volume.commit().await,
-            // TRIM is advisory: a filesystem that can't punch holes keeps the data.
-            Err(StorageError::Unsupported(_)) => Ok(()),
-            Err(e) => Err(to_device_error(e)),
-        }
     }
 
     async fn flush(&self) -> DeviceResult<()> {
-        // Every acknowledged write was fdatasynced before its reply, on this
-        // session or any other, so there is nothing left to flush.
-        self.volume.check_usable()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use trireme_storage::fault::FaultyStore;
-    use trireme_storage::mem::{CrashMode, MemStore};
-
-    fn meta() -> VolumeMeta {
-        VolumeMeta {
-            id: "1".into(),
-            name: "v".into(),
-            size_bytes: 1 << 20,
-            replica_count: 1,
-            created_at_unix_s: 0,
-        }
-    }
-
-    #[tokio::test]
-    async fn an_acknowledged_write_survives_a_crash() {
-        let v = Volume::new(meta(), MemStore::new());
-        let (s, _) = v.open_session();
-        s.write(8192, Bytes::from_static(b"acked"), false).await.expect("write");
-        v.store().crash(CrashMode::DropUnsynced);
-        assert_eq!(&s.read(8192, 5).await.expect("read")[..], b"acked");
-        s.write_zeroes(8192, 5, true, false, false).await.expect("zero");
-        v.store().crash(CrashMode::DropUnsynced);
-        assert_eq!(&s.read(8192, 5).await.expect("read")[..], &[0u8; 5]);
-    }
-
-    #[tokio::test]
-    async fn a_failed_fdatasync_fails_the_write_and_stops_the_volume() {
-        let (store, faults) = FaultyStore::new(MemStore::new());
-        faults.failing_syncs.store(1, Ordering::SeqCst);
-        let v = Volume::new(meta(), store);
-        let (s, _) = v.open_session();
-        let e = s
-            .write(0, Bytes::from_static(b"x"), false)
-            .await
-            .expect_err("sync failed");
-        assert_eq!(e.errno, Errno::Io);
-        // fsyncgate: a later sync may "succeed" with the data gone, so stay failed.
-        assert!(s.write(0, Bytes::from_static(b"y"), false).await.is_err());
-        assert!(s.flush().await.is_err());
-        assert!(v.is_failed());
-    }
-
-    #[tokio::test]
-    async fn a_failed_write_is_reported_but_leaves_the_volume_usable() {
-        // Unlike a failed fdatasync, a failed write (EIO, ENOSPC) breaks no promise already made.
-        let (store, faults) = FaultyStore::new(MemStore::new());
-        faults.writes_before_failure.store(0, Ordering::SeqCst);
-        let v = Volume::new(meta(), store);
-        let (s, _) = v.open_session();
-        assert_eq!(
-            s.write(0, Bytes::from_static(b"x"), false)
-                .await
-                .expect_err("write fails")
-                .errno,
-            Errno::Io
-        );
-        assert!(!v.is_failed());
-        faults.writes_before_failure.store(-1, Ordering::SeqCst);
-        s.write(0, Bytes::from_static(b"y"), false)
-            .await
-            .expect("writes work again");
-        assert_eq!(&s.read(0, 1).await.expect("read")[..], b"y");
-    }
-
-    #[tokio::test]
-    async fn sessions_are_counted_and_revocable() {
-        let v = Volume::new(meta(), MemStore::new());
-        let (a, mut ra) = v.open_session();
-        let (b, _) = v.open_session();
-        assert_eq!(v.open_sessions(), 2);
-        v.revoke_sessions();
-        assert!(*ra.borrow_and_update());
-        drop((a, b));
-        assert_eq!(v.open_sessions(), 0);
+        // Every acknowledged write, on any session of any node, is already
+        // committed to a quorum's durable logs: nothing is left to flush.
+        Ok(())
     }
 }

@@ -184,6 +184,20 @@ impl Replica {
         let storage = MemStorage::new();
         {
             let mut core = storage.wl();
+            let mut entries = entries;
+            // A compacted log starts later than 1: its first entry stands in
+            // as the snapshot point, which gives raft the term of the entry
+            // before the first one it can read (the durable log keeps that
+            // one extra entry for exactly this).
+            if let Some(first) = entries.first().filter(|e| e.index > 1) {
+                let mut snap = Snapshot::default();
+                snap.mut_metadata().index = first.index;
+                snap.mut_metadata().term = first.term;
+                snap.mut_metadata().set_conf_state(conf_state.clone());
+                core.apply_snapshot(snap)
+                    .map_err(|e| ProposeError::Raft(e.to_string()))?;
+                entries = &entries[1..];
+            }
             core.set_conf_state(conf_state);
             core.append(entries).map_err(|e| ProposeError::Raft(e.to_string()))?;
             core.set_hardstate(hard_state);
@@ -231,14 +245,80 @@ impl Replica {
     pub fn last_index(&self) -> u64 {
         self.node.raft.raft_log.last_index()
     }
-    /// Per-follower match index, as the leader sees it (empty elsewhere).
-    pub fn progress(&self) -> Vec<(u64, u64)> {
+    /// Per-replica replication progress as the leader sees it (empty
+    /// elsewhere): (id, match index, "probe" | "replicate" | "snapshot").
+    pub fn progress(&self) -> Vec<(u64, u64, &'static str)> {
         if !self.is_leader() {
             return Vec::new();
         }
-        let mut v: Vec<(u64, u64)> = self.node.raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect();
+        let mut v: Vec<(u64, u64, &'static str)> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| {
+                let state = match pr.state {
+                    raft::ProgressState::Probe => "probe",
+                    raft::ProgressState::Replicate => "replicate",
+                    raft::ProgressState::Snapshot => "snapshot",
+                };
+                (*id, pr.matched, state)
+            })
+            .collect();
         v.sort_unstable();
         v
+    }
+
+    /// Bytes of entry data in (from, to], for lag reporting; scans at most
+    /// `MAX_LAG_SCAN` entries and extrapolates beyond.
+    pub fn entry_bytes_between(&self, from: u64, to: u64) -> u64 {
+        use raft::Storage as _;
+        const MAX_LAG_SCAN: u64 = 4096;
+        if to <= from {
+            return 0;
+        }
+        // Entries not yet handed to storage are not readable from it.
+        let to = to.min(self.node.store().last_index().unwrap_or(0));
+        let low = (from + 1).max(self.first_index());
+        if low > to {
+            return 0;
+        }
+        let high = to.min(low + MAX_LAG_SCAN - 1);
+        let ctx = raft::GetEntriesContext::empty(false);
+        match self.node.store().entries(low, high + 1, None, ctx) {
+            Ok(entries) if !entries.is_empty() => {
+                let scanned: u64 = entries.iter().map(|e| e.data.len() as u64).sum();
+                scanned * (to - low + 1) / entries.len() as u64
+            }
+            _ => 0,
+        }
+    }
+
+    /// First index still in the in-memory log (after compaction).
+    pub fn first_index(&self) -> u64 {
+        self.node.raft.raft_log.first_index()
+    }
+
+    /// The transport lost its stream to `peer`: raft stops pipelining to it.
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.node.report_unreachable(peer);
+    }
+
+    /// Drops log entries below `index` from memory once the image and the
+    /// durable log no longer need them (never past what is applied).
+    pub fn compact(&mut self, index: u64) -> u64 {
+        use raft::Storage as _;
+        // MemStorage answers last_index from its entries, so the last one
+        // must stay; raft asks the term of the applied (committed) entry and
+        // of a follower's match entry, so those stay too.
+        let last = self.node.store().last_index().unwrap_or(0);
+        let index = index.min(self.state.applied_index).min(last);
+        if index > self.first_index()
+            && let Err(e) = self.node.mut_store().wl().compact(index)
+        {
+            warn!(replica = self.id, index, "compacting the in-memory log failed: {e}");
+        }
+        self.first_index()
     }
 
     pub fn tick(&mut self) {

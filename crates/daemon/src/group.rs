@@ -1,0 +1,555 @@
+//! The driver of one local replica: a tokio task that owns the sans-IO
+//! [`Replica`] and does its I/O. It ticks it, feeds it peer messages and
+//! client requests, hands its log writes to the node-wide log writer,
+//! sends its messages, answers clients when their entries apply, serves
+//! linearizable reads (ReadIndex), and destages the write-back cache to the
+//! image.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+use trireme_raftlog::GroupWrite;
+use trireme_replica::raft::StateRole;
+use trireme_replica::raft::eraftpb::Message;
+use trireme_replica::{ApplyError, ExtentData, Output, ProposeError, Replica, Segment, VolumeOp};
+use trireme_storage::uring::UringStore;
+use trireme_storage::{BlockStore, ZeroMode};
+use trireme_transport::Transport;
+
+use crate::logwriter::{LogJob, LogWriter};
+
+/// One Raft tick; elections take 10-20 ticks (1-2 s), heartbeats 2.
+pub const TICK: Duration = Duration::from_millis(100);
+/// A read waiting for its ReadIndex longer than this is retried by the caller.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests queued to a group before callers wait.
+const EVENT_QUEUE: usize = 4096;
+/// Writes parked while the cache is full, before more are refused.
+const MAX_PARKED_WRITES: usize = 1024;
+/// Destage once this much is cached, or at the next destage interval.
+const DESTAGE_THRESHOLD_BYTES: u64 = 32 * 1024 * 1024;
+const DESTAGE_INTERVAL: Duration = Duration::from_millis(500);
+/// Entries the leader keeps for a lagging follower before compacting past
+/// it anyway (it then needs a snapshot).
+const MAX_RETAINED_ENTRIES: u64 = 200_000;
+
+/// Why a request did not succeed here; the router decides what to do next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    #[error("not the leader (leader hint: node {0})")]
+    NotLeader(u64),
+    #[error("fenced: {0}")]
+    Fenced(String),
+    #[error("retry: {0}")]
+    Retry(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, GroupError>>;
+
+pub enum GroupEvent {
+    Raft(Message),
+    Write {
+        epoch: u64,
+        op: VolumeOp,
+        reply: Reply<u64>,
+    },
+    Read {
+        offset: u64,
+        length: u64,
+        reply: Reply<Vec<Segment>>,
+    },
+    /// Read the applied state without ReadIndex: only for snapshot copies.
+    ReadLocal {
+        offset: u64,
+        length: u64,
+        reply: Reply<Vec<Segment>>,
+    },
+    TransferLeader(u64),
+    Persisted(u64),
+    Destaged {
+        index: u64,
+        result: Result<(), String>,
+    },
+    Unreachable(u64),
+    Stop,
+}
+
+/// What `volume info` and the router read about a group, refreshed by the driver.
+#[derive(Debug, Clone, Default)]
+pub struct GroupStatus {
+    pub role: &'static str,
+    pub leader: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub first_index: u64,
+    pub epoch: u64,
+    pub attached_node: u64,
+    pub cache_bytes: u64,
+    pub destaged_index: u64,
+    /// (node, match index, state) as the leader sees it.
+    pub progress: Vec<(u64, u64, &'static str)>,
+    /// Bytes of log entries each follower is missing (leader only).
+    pub lag_bytes: Vec<(u64, u64)>,
+}
+
+#[derive(Clone)]
+pub struct GroupHandle {
+    pub group_id: u64,
+    tx: mpsc::Sender<GroupEvent>,
+    status: Arc<Mutex<GroupStatus>>,
+}
+
+impl GroupHandle {
+    pub fn status(&self) -> GroupStatus {
+        self.status.lock().expect("group status lock poisoned").clone()
+    }
+
+    pub async fn send(&self, ev: GroupEvent) -> Result<(), GroupError> {
+        self.tx
+            .send(ev)
+            .await
+            .map_err(|_| GroupError::Retry("replica stopped".into()))
+    }
+
+    /// For the transport's inbound path: never wait on a busy group (Raft retransmits).
+    pub fn try_send(&self, ev: GroupEvent) {
+        let _ = self.tx.try_send(ev);
+    }
+
+    pub async fn write(&self, epoch: u64, op: VolumeOp) -> Result<u64, GroupError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(GroupEvent::Write { epoch, op, reply }).await?;
+        rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
+    }
+
+    pub async fn read(&self, offset: u64, length: u64, local: bool) -> Result<Vec<Segment>, GroupError> {
+        let (reply, rx) = oneshot::channel();
+        let ev = if local {
+            GroupEvent::ReadLocal { offset, length, reply }
+        } else {
+            GroupEvent::Read { offset, length, reply }
+        };
+        self.send(ev).await?;
+        rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
+    }
+}
+
+struct PendingRead {
+    offset: u64,
+    length: u64,
+    reply: Reply<Vec<Segment>>,
+    asked: Instant,
+    /// Set once the ReadIndex is confirmed.
+    index: Option<u64>,
+}
+
+struct Driver {
+    group_id: u64,
+    volume: String,
+    replica: Replica,
+    store: Arc<UringStore>,
+    /// volume.state: the state machine as of the destaged index.
+    state_path: std::path::PathBuf,
+    transport: Transport,
+    log: LogWriter,
+    tx: mpsc::Sender<GroupEvent>,
+    status: Arc<Mutex<GroupStatus>>,
+    next_token: u64,
+    writes: HashMap<u64, Reply<u64>>,
+    parked: VecDeque<(u64, VolumeOp, Reply<u64>)>,
+    reads: BTreeMap<u64, PendingRead>,
+    destaging: bool,
+    destaged_index: u64,
+    last_destage: Instant,
+}
+
+/// Everything a replica's driver starts from.
+pub struct GroupSetup {
+    pub group_id: u64,
+    pub volume: String,
+    pub replica: Replica,
+    pub destaged_index: u64,
+    pub store: Arc<UringStore>,
+    /// volume.state, written at each destage.
+    pub state_path: std::path::PathBuf,
+    pub transport: Transport,
+    pub log: LogWriter,
+}
+
+/// Starts the driver task of a local replica.
+pub fn spawn(setup: GroupSetup) -> GroupHandle {
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    let status = Arc::new(Mutex::new(GroupStatus::default()));
+    let group_id = setup.group_id;
+    let driver = Driver {
+        group_id,
+        volume: setup.volume,
+        replica: setup.replica,
+        store: setup.store,
+        state_path: setup.state_path,
+        transport: setup.transport,
+        log: setup.log,
+        tx: tx.clone(),
+        status: status.clone(),
+        next_token: 1,
+        writes: HashMap::new(),
+        parked: VecDeque::new(),
+        reads: BTreeMap::new(),
+        destaging: false,
+        destaged_index: setup.destaged_index,
+        last_destage: Instant::now(),
+    };
+    tokio::spawn(driver.run(rx));
+    GroupHandle { group_id, tx, status }
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::Receiver<GroupEvent>) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.on_tick(),
+                ev = rx.recv() => match ev {
+                    None | Some(GroupEvent::Stop) => break,
+                    Some(ev) => self.handle(ev),
+                },
+            }
+            // Take whatever else is queued before polling, so one Ready
+            // (one log write) covers a burst of proposals: group commit.
+            for _ in 0..256 {
+                match rx.try_recv() {
+                    Ok(GroupEvent::Stop) => return self.stop(),
+                    Ok(ev) => self.handle(ev),
+                    Err(_) => break,
+                }
+            }
+            self.drain_ready();
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        info!(group = self.group_id, volume = %self.volume, "replica stopped");
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    fn handle(&mut self, ev: GroupEvent) {
+        match ev {
+            GroupEvent::Raft(m) => {
+                if let Err(e) = self.replica.step(m) {
+                    debug!(group = self.group_id, "dropped a raft message: {e}");
+                }
+            }
+            GroupEvent::Write { epoch, op, reply } => self.propose(epoch, op, reply),
+            GroupEvent::Read { offset, length, reply } => {
+                if self.replica.leader_id() == 0 {
+                    let _ = reply.send(Err(GroupError::NotLeader(0)));
+                    return;
+                }
+                let token = self.token();
+                self.replica.read_index(token);
+                self.reads.insert(
+                    token,
+                    PendingRead {
+                        offset,
+                        length,
+                        reply,
+                        asked: Instant::now(),
+                        index: None,
+                    },
+                );
+            }
+            GroupEvent::ReadLocal { offset, length, reply } => {
+                let _ = reply.send(Ok(self.replica.read(offset, length)));
+            }
+            GroupEvent::TransferLeader(to) => {
+                if self.replica.is_leader() && to != self.replica.id() {
+                    self.replica.transfer_leader(to);
+                }
+            }
+            GroupEvent::Persisted(number) => self.replica.on_persisted(number),
+            GroupEvent::Destaged { index, result } => self.on_destaged(index, result),
+            GroupEvent::Unreachable(peer) => self.replica.report_unreachable(peer),
+            GroupEvent::Stop => {}
+        }
+    }
+
+    fn propose(&mut self, epoch: u64, op: VolumeOp, reply: Reply<u64>) {
+        let token = self.token();
+        match self.replica.propose(token, epoch, op.clone()) {
+            Ok(()) => {
+                self.writes.insert(token, reply);
+            }
+            Err(ProposeError::NotLeader { leader_hint }) => {
+                let _ = reply.send(Err(GroupError::NotLeader(leader_hint)));
+            }
+            Err(ProposeError::StaleEpoch { epoch, current }) => {
+                let _ = reply.send(Err(GroupError::Fenced(format!(
+                    "writer epoch {epoch} is older than the volume's epoch {current}"
+                ))));
+            }
+            Err(ProposeError::CacheFull { .. }) => {
+                // Backpressure: park it until a destage frees room.
+                if self.parked.len() >= MAX_PARKED_WRITES {
+                    let _ = reply.send(Err(GroupError::Retry("write-back cache full".into())));
+                } else {
+                    self.parked.push_back((epoch, op, reply));
+                    self.start_destage();
+                }
+            }
+            Err(e @ ProposeError::Raft(_)) => {
+                let _ = reply.send(Err(GroupError::Retry(e.to_string())));
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.replica.tick();
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_none() && now.duration_since(r.asked) > READ_INDEX_TIMEOUT)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in expired {
+            if let Some(r) = self.reads.remove(&t) {
+                let _ = r
+                    .reply
+                    .send(Err(GroupError::Retry("read index not confirmed in time".into())));
+            }
+        }
+        let cached = self.replica.state().cache.bytes();
+        if cached > 0 && (cached >= DESTAGE_THRESHOLD_BYTES || self.last_destage.elapsed() >= DESTAGE_INTERVAL) {
+            self.start_destage();
+        }
+        self.publish();
+    }
+
+    fn drain_ready(&mut self) {
+        while let Some(out) = self.replica.poll() {
+            self.dispatch(out);
+        }
+        self.serve_reads();
+        if self.replica.state().cache.bytes() >= DESTAGE_THRESHOLD_BYTES {
+            self.start_destage();
+        }
+        self.publish();
+    }
+
+    fn dispatch(&mut self, out: Output) {
+        for m in out.messages {
+            self.transport.send(m.to, self.group_id, m);
+        }
+        if let Some(task) = out.persist {
+            let write = GroupWrite {
+                group: self.group_id,
+                entries: task.entries,
+                hard_state: task.hard_state,
+                conf_state: out.conf_state.clone(),
+                ..GroupWrite::default()
+            };
+            self.log.submit(LogJob {
+                write,
+                number: Some(task.number),
+                messages_after: task.messages_after,
+                notify: self.tx.clone(),
+            });
+        } else if let Some(cs) = out.conf_state.clone() {
+            let write = GroupWrite {
+                group: self.group_id,
+                conf_state: Some(cs),
+                ..GroupWrite::default()
+            };
+            self.log.submit(LogJob {
+                write,
+                number: None,
+                messages_after: Vec::new(),
+                notify: self.tx.clone(),
+            });
+        }
+        for c in out.completions {
+            if let Some(reply) = self.writes.remove(&c.token) {
+                let r = match c.result {
+                    Ok(index) => Ok(index),
+                    Err(ApplyError::Fenced {
+                        entry_epoch,
+                        current_epoch,
+                    }) => Err(GroupError::Fenced(format!(
+                        "writer epoch {entry_epoch} is older than the volume's epoch {current_epoch}"
+                    ))),
+                    Err(ApplyError::Superseded) => Err(GroupError::Retry("superseded by a new leader".into())),
+                    Err(ApplyError::Corrupt(e)) => Err(GroupError::Failed(format!("corrupt entry: {e}"))),
+                };
+                let _ = reply.send(r);
+            }
+        }
+        for rs in out.read_states {
+            let mut b = [0u8; 8];
+            if rs.request_ctx.len() == 8 {
+                b.copy_from_slice(&rs.request_ctx);
+                if let Some(r) = self.reads.get_mut(&u64::from_le_bytes(b)) {
+                    r.index = Some(rs.index);
+                }
+            }
+        }
+        if let Some((role, leader)) = out.role {
+            info!(group = self.group_id, volume = %self.volume, ?role, leader, term = self.replica.term(), "role changed");
+            if role != StateRole::Leader {
+                // Parked writes would wait for a destage that may never free
+                // room here; let the router find the new leader.
+                for (_, _, reply) in self.parked.drain(..) {
+                    let _ = reply.send(Err(GroupError::NotLeader(leader)));
+                }
+            }
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.replica.applied_index();
+        let ready: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_some_and(|i| i <= applied))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in ready {
+            if let Some(r) = self.reads.remove(&t) {
+                let _ = r.reply.send(Ok(self.replica.read(r.offset, r.length)));
+            }
+        }
+    }
+
+    fn start_destage(&mut self) {
+        if self.destaging {
+            return;
+        }
+        let index = self.replica.applied_index();
+        let extents = self.replica.state().cache.dirty_up_to(index);
+        if extents.is_empty() {
+            return;
+        }
+        self.destaging = true;
+        self.last_destage = Instant::now();
+        let store = self.store.clone();
+        let tx = self.tx.clone();
+        let applied = crate::catalog::AppliedState {
+            destaged_index: index,
+            epoch: self.replica.state().epoch,
+            attached_node: self.replica.state().attached_node,
+        };
+        let state_path = self.state_path.clone();
+        tokio::spawn(async move {
+            let result = async {
+                for (offset, e) in extents {
+                    match e.data {
+                        ExtentData::Data(d) => store.write(offset, d).await,
+                        ExtentData::Zero => match store.write_zeroes(offset, e.length, ZeroMode::Punch).await {
+                            Err(trireme_storage::StorageError::Unsupported(_)) => {
+                                store
+                                    .write(offset, bytes::Bytes::from(vec![0u8; e.length as usize]))
+                                    .await
+                            }
+                            r => r,
+                        },
+                    }
+                    .map_err(|e| e.to_string())?;
+                }
+                store.sync().await.map_err(|e| e.to_string())?;
+                // The state machine as of `index` must be durable before the
+                // log below it may be compacted away.
+                tokio::task::spawn_blocking(move || crate::catalog::write_applied_state(&state_path, &applied))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            let _ = tx.send(GroupEvent::Destaged { index, result }).await;
+        });
+    }
+
+    fn on_destaged(&mut self, index: u64, result: Result<(), String>) {
+        self.destaging = false;
+        if let Err(e) = result {
+            // The image is not trustworthy any more; the log still holds
+            // every entry, so stop destaging and keep serving from the log.
+            warn!(group = self.group_id, volume = %self.volume, "destage failed, log kept: {e}");
+            return;
+        }
+        self.replica.on_destaged(index);
+        self.destaged_index = index;
+        // Keep the log a lagging follower still needs, within a bound.
+        let mut compact_to = index + 1;
+        if self.replica.is_leader() {
+            for (id, matched, _) in self.replica.progress() {
+                if id != self.replica.id() && index.saturating_sub(matched) < MAX_RETAINED_ENTRIES {
+                    // Keep the follower's match entry too: the next append
+                    // needs its term.
+                    compact_to = compact_to.min(matched.max(1));
+                }
+            }
+        }
+        let compact_to = self.replica.compact(compact_to);
+        let write = GroupWrite {
+            group: self.group_id,
+            destaged_index: Some(index),
+            // One entry more than in memory: after a restart it is the
+            // snapshot point whose term raft needs (Replica::restart).
+            compact_to: Some(compact_to.saturating_sub(1).max(1)),
+            ..GroupWrite::default()
+        };
+        self.log.submit(LogJob {
+            write,
+            number: None,
+            messages_after: Vec::new(),
+            notify: self.tx.clone(),
+        });
+        // Room again: retry parked writes in order.
+        let parked: Vec<_> = self.parked.drain(..).collect();
+        for (epoch, op, reply) in parked {
+            self.propose(epoch, op, reply);
+        }
+    }
+
+    fn publish(&self) {
+        let st = self.replica.state();
+        let last = self.replica.last_index();
+        let progress = self.replica.progress();
+        let lag_bytes: Vec<(u64, u64)> = progress
+            .iter()
+            .map(|(id, matched, _)| (*id, self.replica.entry_bytes_between(*matched, last)))
+            .collect();
+        let mut s = self.status.lock().expect("group status lock poisoned");
+        s.role = if self.replica.is_leader() {
+            "leader"
+        } else if self.replica.leader_id() == 0 {
+            "candidate"
+        } else {
+            "follower"
+        };
+        s.leader = self.replica.leader_id();
+        s.term = self.replica.term();
+        s.commit_index = self.replica.commit_index();
+        s.applied_index = st.applied_index;
+        s.last_index = last;
+        s.first_index = self.replica.first_index();
+        s.epoch = st.epoch;
+        s.attached_node = st.attached_node;
+        s.cache_bytes = st.cache.bytes();
+        s.destaged_index = self.destaged_index;
+        s.lag_bytes = lag_bytes;
+        s.progress = progress;
+    }
+}

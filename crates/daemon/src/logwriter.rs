@@ -1,0 +1,104 @@
+//! The node-wide log writer: one thread drains the log writes of every
+//! group that are ready at once into one batch, makes it durable with one
+//! write and one fdatasync (group commit across volumes, as TiKV's
+//! async-io writer does), and only then tells each group its Ready is
+//! persisted and sends the messages that had to wait for it.
+
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+
+use tokio::sync::mpsc;
+use tracing::error;
+use trireme_raftlog::{GroupWrite, RaftLogStore};
+use trireme_replica::raft::eraftpb::Message;
+use trireme_transport::Transport;
+
+use crate::group::GroupEvent;
+
+/// Jobs queued to the writer before submitters block.
+const QUEUE: usize = 8192;
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A batch stops growing at this many bytes of entries.
+const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+pub struct LogJob {
+    pub write: GroupWrite,
+    /// The Ready number to acknowledge once durable.
+    pub number: Option<u64>,
+    /// Messages that may only leave once this write is durable.
+    pub messages_after: Vec<Message>,
+    pub notify: mpsc::Sender<GroupEvent>,
+}
+
+#[derive(Clone)]
+pub struct LogWriter {
+    tx: std_mpsc::SyncSender<LogJob>,
+}
+
+impl LogWriter {
+    pub fn start(store: Arc<dyn RaftLogStore>, transport: Transport) -> std::io::Result<LogWriter> {
+        let (tx, rx) = std_mpsc::sync_channel::<LogJob>(QUEUE);
+        let purge_store = store.clone();
+        std::thread::Builder::new()
+            .name("trireme-log".into())
+            .spawn(move || run(store, transport, rx))?;
+        // Reclaiming compacted log files is slow file work; keep it off the
+        // writer's path (raft-engine never purges unless asked).
+        std::thread::Builder::new()
+            .name("trireme-log-purge".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(PURGE_INTERVAL);
+                    if let Err(e) = purge_store.purge() {
+                        tracing::warn!("raft log purge failed: {e}");
+                    }
+                }
+            })?;
+        Ok(LogWriter { tx })
+    }
+
+    /// Queues a job. Called from group tasks; the queue is deep, and when it
+    /// is full the group waits (backpressure from a slow disk).
+    pub fn submit(&self, job: LogJob) {
+        if let Err(std_mpsc::TrySendError::Full(job)) = self.tx.try_send(job) {
+            // Rare: block this group's task briefly rather than drop a write.
+            let tx = self.tx.clone();
+            tokio::task::block_in_place(move || {
+                let _ = tx.send(job);
+            });
+        }
+    }
+}
+
+fn run(store: Arc<dyn RaftLogStore>, transport: Transport, rx: std_mpsc::Receiver<LogJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut bytes: usize = jobs[0].write.entries.iter().map(|e| e.data.len()).sum();
+        while bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(j) => {
+                    bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let groups: Vec<u64> = jobs.iter().map(|j| j.write.group).collect();
+        let batch: Vec<GroupWrite> = jobs.iter_mut().map(|j| std::mem::take(&mut j.write)).collect();
+        if let Err(e) = store.write_batch(batch) {
+            // DESIGN.md: an I/O error on the log is fatal for the replica; the
+            // log is node-wide, so the node stops and its replicas are rebuilt
+            // elsewhere. Limping on could acknowledge what is not durable.
+            error!("raft log write failed, stopping the node: {e}");
+            std::process::exit(70);
+        }
+        for (j, group) in jobs.into_iter().zip(groups) {
+            for m in j.messages_after {
+                transport.send(m.to, group, m);
+            }
+            if let Some(n) = j.number {
+                let _ = j.notify.blocking_send(GroupEvent::Persisted(n));
+            }
+        }
+    }
+}

@@ -1,0 +1,676 @@
+//! The production log: TiKV's raft-engine under `DATA_DIR/raft-log`, fed by
+//! one writer thread that turns every request waiting at once into one
+//! `LogBatch`, one write and one fdatasync.
+//!
+//! Why our own writer thread rather than raft-engine's write group (its
+//! `Engine::write` also merges concurrent callers):
+//! - raft-engine's group issues one `pwrite` per caller (one sync for all);
+//!   merging first gives one `pwrite` per round;
+//! - every write must be checked against the entries the group will hold
+//!   when it lands (raft-engine panics on a gap, after the data is on disk),
+//!   which needs the writes serialised anyway;
+//! - raft-engine panics when fdatasync fails; on one thread of our own that
+//!   panic is caught and becomes [`LogError::Failed`] for every caller,
+//!   instead of unwinding through whichever replica thread led the group.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use raft::eraftpb::Entry;
+use raft_engine::env::{DefaultFileSystem, FileSystem, Handle, Permission};
+use raft_engine::{Command, Config, Engine, LogBatch, MessageExt, ReadableSize, RecoveryMode};
+use tracing::{error, info, warn};
+
+use crate::codec;
+use crate::plan::{GroupPlan, Span, batch_bytes, plan_batch};
+use crate::verify;
+use crate::{GroupState, GroupWrite, LogError, MAX_BATCH_BYTES, RaftLogStore};
+
+/// Tells raft-engine where a raft-rs entry's index is.
+struct RaftEntries;
+
+impl MessageExt for RaftEntries {
+    type Entry = Entry;
+
+    fn index(e: &Entry) -> u64 {
+        e.index
+    }
+}
+
+/// Tunables of [`EngineLog`].
+#[derive(Debug, Clone)]
+pub struct EngineLogConfig {
+    /// Size at which the active log file is rotated.
+    pub target_file_size: u64,
+    /// Log size beyond which `purge` rewrites or drops old files.
+    pub purge_threshold: u64,
+    /// Batches at least this large are lz4-compressed; 0 disables it. Off by
+    /// default: block data compresses poorly and the writer thread is on the
+    /// latency path of every write.
+    pub batch_compression_threshold: u64,
+    /// Threads raft-engine uses to replay the log at startup.
+    pub recovery_threads: usize,
+    /// Verify every checksum of every file before opening (see `verify.rs`).
+    pub verify_on_open: bool,
+}
+
+impl Default for EngineLogConfig {
+    fn default() -> Self {
+        EngineLogConfig {
+            target_file_size: 128 * 1024 * 1024,
+            purge_threshold: 1024 * 1024 * 1024,
+            batch_compression_threshold: 0,
+            recovery_threads: 2,
+            verify_on_open: true,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct FsStats {
+    syncs: AtomicU64,
+    /// An fdatasync failed. From then on the store acknowledges nothing, and
+    /// further syncs are skipped: raft-engine panics on each failed one, and
+    /// when closing it syncs both of its files in a row, so a second failure
+    /// would panic during the first one's unwinding and abort the process.
+    sync_failed: AtomicBool,
+    #[cfg(test)]
+    fail_syncs: AtomicBool,
+}
+
+/// raft-engine's default file system, counting fdatasyncs (and, in tests,
+/// failing them).
+struct CountingFs {
+    inner: DefaultFileSystem,
+    stats: Arc<FsStats>,
+}
+
+type InnerHandle = <DefaultFileSystem as FileSystem>::Handle;
+
+struct CountingHandle {
+    fd: Arc<InnerHandle>,
+    stats: Arc<FsStats>,
+}
+
+impl Handle for CountingHandle {
+    fn truncate(&self, offset: usize) -> io::Result<()> {
+        self.fd.truncate(offset)
+    }
+
+    fn file_size(&self) -> io::Result<usize> {
+        self.fd.file_size()
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        if self.stats.sync_failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        #[cfg(test)]
+        let result = if self.stats.fail_syncs.load(Ordering::SeqCst) {
+            Err(io::Error::other("injected fdatasync failure"))
+        } else {
+            self.fd.sync()
+        };
+        #[cfg(not(test))]
+        let result = self.fd.sync();
+        if result.is_err() {
+            self.stats.sync_failed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+impl CountingFs {
+    fn wrap(&self, fd: InnerHandle) -> CountingHandle {
+        CountingHandle {
+            fd: Arc::new(fd),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+impl FileSystem for CountingFs {
+    type Handle = CountingHandle;
+    type Reader = <DefaultFileSystem as FileSystem>::Reader;
+    type Writer = <DefaultFileSystem as FileSystem>::Writer;
+
+    fn create<P: AsRef<Path>>(&self, path: P) -> io::Result<CountingHandle> {
+        Ok(self.wrap(self.inner.create(path)?))
+    }
+
+    fn open<P: AsRef<Path>>(&self, path: P, perm: Permission) -> io::Result<CountingHandle> {
+        Ok(self.wrap(self.inner.open(path, perm)?))
+    }
+
+    fn delete<P: AsRef<Path>>(&self, path: P) -> io::Result<()> {
+        self.inner.delete(path)
+    }
+
+    fn rename<P: AsRef<Path>>(&self, src_path: P, dst_path: P) -> io::Result<()> {
+        self.inner.rename(src_path, dst_path)
+    }
+
+    fn new_reader(&self, handle: Arc<CountingHandle>) -> io::Result<Self::Reader> {
+        self.inner.new_reader(handle.fd.clone())
+    }
+
+    fn new_writer(&self, handle: Arc<CountingHandle>) -> io::Result<Self::Writer> {
+        self.inner.new_writer(handle.fd.clone())
+    }
+}
+
+type RaftEngine = Engine<CountingFs>;
+
+/// Owns the engine so that its drop cannot panic out of `EngineLog`'s:
+/// raft-engine closes the active file with an fdatasync it unwraps, and a
+/// failed disk must not turn a shutdown into a crash of the dropping thread.
+struct Guarded(Option<RaftEngine>);
+
+impl std::ops::Deref for Guarded {
+    type Target = RaftEngine;
+
+    fn deref(&self) -> &RaftEngine {
+        match &self.0 {
+            Some(e) => e,
+            None => unreachable!("the engine is taken only when dropped"),
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(engine) = self.0.take()
+            && let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(engine)))
+        {
+            error!("raft log: closing raft-engine failed: {}", panic_message(&*panic));
+        }
+    }
+}
+
+enum Op {
+    Write(Vec<GroupWrite>),
+    Remove(u64),
+}
+
+struct Job {
+    op: Op,
+    /// Bytes counted against [`MAX_BATCH_BYTES`] when merging.
+    bytes: usize,
+    reply: SyncSender<Result<(), LogError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    shutdown: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    engine: Guarded,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Set once an unrecoverable error happened; every request then fails.
+    failed: Mutex<Option<String>>,
+    stats: Arc<FsStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; if something did, the data
+    // is still consistent (plain queue operations).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+impl Shared {
+    fn check(&self) -> Result<(), LogError> {
+        match &*lock(&self.failed) {
+            Some(reason) => Err(LogError::Failed {
+                dir: self.dir.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        lock(&self.failed).get_or_insert(reason);
+    }
+
+    fn span(&self, group: u64) -> Span {
+        self.engine.first_index(group).zip(self.engine.last_index(group))
+    }
+
+    fn writer_loop(&self) {
+        loop {
+            let jobs = {
+                let mut q = lock(&self.queue);
+                while q.jobs.is_empty() && !q.shutdown {
+                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+                if q.jobs.is_empty() {
+                    return;
+                }
+                let mut jobs = Vec::new();
+                let mut bytes = 0usize;
+                while let Some(job) = q.jobs.front() {
+                    if !jobs.is_empty() && bytes + job.bytes > MAX_BATCH_BYTES {
+                        break;
+                    }
+                    bytes += job.bytes;
+                    jobs.extend(q.jobs.pop_front());
+                }
+                jobs
+            };
+            self.round(jobs);
+        }
+    }
+
+    /// One group commit: every job that passes its checks goes into one
+    /// `LogBatch`, written and synced once.
+    fn round(&self, jobs: Vec<Job>) {
+        if let Some(reason) = lock(&self.failed).clone() {
+            for job in jobs {
+                let _ = job.reply.send(Err(LogError::Failed {
+                    dir: self.dir.clone(),
+                    reason: reason.clone(),
+                }));
+            }
+            return;
+        }
+        let mut lb = LogBatch::default();
+        let mut spans: HashMap<u64, Span> = HashMap::new();
+        let mut accepted = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter();
+        while let Some(job) = jobs.next() {
+            match job.op {
+                Op::Write(batch) => {
+                    let staged = plan_batch(&batch, &mut spans, |g| self.span(g))
+                        .and_then(|plans| encode_values(&batch).map(|values| (plans, values)));
+                    match staged {
+                        Ok((plans, values)) => {
+                            if let Err(e) = add_to_batch(&mut lb, &batch, &plans, values) {
+                                // Part of this job may be in the batch already:
+                                // nothing of this round can be written.
+                                let reason = format!("building the log batch: {e}");
+                                let rest = jobs.map(|j| j.reply);
+                                for reply in accepted.into_iter().chain([job.reply]).chain(rest) {
+                                    let _ = reply.send(Err(LogError::Write {
+                                        dir: self.dir.clone(),
+                                        reason: reason.clone(),
+                                    }));
+                                }
+                                return;
+                            }
+                            accepted.push(job.reply);
+                        }
+                        Err(e) => {
+                            let _ = job.reply.send(Err(e));
+                        }
+                    }
+                }
+                Op::Remove(group) => {
+                    lb.add_command(group, Command::Clean);
+                    spans.insert(group, None);
+                    accepted.push(job.reply);
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let outcome = match catch_unwind(AssertUnwindSafe(|| self.engine.write(&mut lb, true))) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => {
+                let reason = format!("raft-engine panicked while writing: {}", panic_message(&*panic));
+                self.fail(reason.clone());
+                Err(reason)
+            }
+        };
+        let failed = lock(&self.failed).is_some();
+        for reply in accepted {
+            let result = match &outcome {
+                Ok(()) => Ok(()),
+                Err(reason) if failed => Err(LogError::Failed {
+                    dir: self.dir.clone(),
+                    reason: reason.clone(),
+                }),
+                Err(reason) => Err(LogError::Write {
+                    dir: self.dir.clone(),
+                    reason: reason.clone(),
+                }),
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// The encoded values of each write, encoded before anything of the write is
+/// added to the batch.
+type Values = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn encode_values(batch: &[GroupWrite]) -> Result<Vec<Values>, LogError> {
+    batch
+        .iter()
+        .map(|w| {
+            Ok((
+                w.hard_state
+                    .as_ref()
+                    .map(|hs| codec::encode_hard_state(w.group, hs))
+                    .transpose()?,
+                w.conf_state
+                    .as_ref()
+                    .map(|cs| codec::encode_conf_state(w.group, cs))
+                    .transpose()?,
+                w.destaged_index.map(codec::encode_destaged),
+            ))
+        })
+        .collect()
+}
+
+fn add_to_batch(
+    lb: &mut LogBatch,
+    batch: &[GroupWrite],
+    plans: &[GroupPlan],
+    values: Vec<Values>,
+) -> Result<(), raft_engine::Error> {
+    for ((w, plan), (hs, cs, destaged)) in batch.iter().zip(plans).zip(values) {
+        let g = w.group;
+        if let Some(index) = plan.clear_below {
+            lb.add_command(g, Command::Compact { index });
+        }
+        lb.add_entries::<RaftEntries>(g, &w.entries)?;
+        if let Some(v) = hs {
+            lb.put(g, codec::KEY_HARD_STATE.to_vec(), v)?;
+        }
+        if let Some(v) = cs {
+            lb.put(g, codec::KEY_CONF_STATE.to_vec(), v)?;
+        }
+        if let Some(v) = destaged {
+            lb.put(g, codec::KEY_DESTAGED.to_vec(), v)?;
+        }
+        if let Some(index) = plan.compact_to {
+            lb.add_command(g, Command::Compact { index });
+        }
+    }
+    Ok(())
+}
+
+/// The node-wide Raft log on raft-engine.
+pub struct EngineLog {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl EngineLog {
+    /// Opens (creating if needed) the log under `dir`, with default tunables.
+    pub fn open(dir: impl AsRef<Path>) -> Result<EngineLog, LogError> {
+        EngineLog::open_with(dir, EngineLogConfig::default())
+    }
+
+    pub fn open_with(dir: impl AsRef<Path>, config: EngineLogConfig) -> Result<EngineLog, LogError> {
+        let dir = dir.as_ref().to_path_buf();
+        let open_err = |reason: String| LogError::Open {
+            dir: dir.clone(),
+            reason,
+        };
+        let dir_str = dir
+            .to_str()
+            .ok_or_else(|| open_err("the path is not UTF-8 (raft-engine needs it to be)".to_string()))?
+            .to_owned();
+        std::fs::create_dir_all(&dir).map_err(|e| LogError::Io {
+            op: "creating",
+            path: dir.clone(),
+            source: e,
+        })?;
+        if config.verify_on_open {
+            // Hold raft-engine's own lock while reading, so that a second
+            // process on the same directory is refused as such rather than
+            // seen as a torn tail.
+            let lock_path = dir.join("LOCK");
+            let lock_file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| LogError::Io {
+                    op: "opening",
+                    path: lock_path.clone(),
+                    source: e,
+                })?;
+            lock_file.try_lock().map_err(|e| match e {
+                std::fs::TryLockError::WouldBlock => open_err("in use by another process".to_string()),
+                std::fs::TryLockError::Error(e) => LogError::Io {
+                    op: "locking",
+                    path: lock_path.clone(),
+                    source: e,
+                },
+            })?;
+            let report = verify::verify_dir(&dir)?;
+            for t in &report.torn {
+                if t.zeroes {
+                    info!(
+                        file = %t.file.display(),
+                        offset = t.offset,
+                        bytes = t.bytes,
+                        "raft log: trimming preallocated space left by an unclean shutdown"
+                    );
+                } else {
+                    warn!(
+                        file = %t.file.display(),
+                        offset = t.offset,
+                        bytes = t.bytes,
+                        "raft log: dropping a torn tail (a write cut short by a crash, never acknowledged)"
+                    );
+                }
+            }
+            if !report.ignored.is_empty() {
+                info!(
+                    files = report.ignored.len(),
+                    "raft log: ignoring obsolete files kept for reuse"
+                );
+            }
+            info!(
+                dir = %dir.display(),
+                files = report.files,
+                batches = report.batches,
+                "raft log: verified every checksum"
+            );
+        }
+        let stats = Arc::new(FsStats::default());
+        let fs = Arc::new(CountingFs {
+            inner: DefaultFileSystem,
+            stats: stats.clone(),
+        });
+        let cfg = Config {
+            dir: dir_str,
+            // A torn tail is dropped; a break anywhere else is refused (by
+            // verify.rs before we get here, and by raft-engine itself for
+            // files other than the last). AbsoluteConsistency would refuse
+            // every restart after a crash: the active file is preallocated,
+            // so its tail past the last write is zeroes, which it reads as a
+            // broken batch.
+            recovery_mode: RecoveryMode::TolerateTailCorruption,
+            target_file_size: ReadableSize(config.target_file_size),
+            purge_threshold: ReadableSize(config.purge_threshold.max(config.target_file_size)),
+            batch_compression_threshold: ReadableSize(config.batch_compression_threshold),
+            recovery_threads: config.recovery_threads.max(1),
+            ..Config::default()
+        };
+        let engine = match catch_unwind(AssertUnwindSafe(|| Engine::open_with_file_system(cfg, fs))) {
+            Ok(Ok(engine)) => engine,
+            Ok(Err(e)) => return Err(open_err(e.to_string())),
+            Err(panic) => return Err(open_err(format!("raft-engine panicked: {}", panic_message(&*panic)))),
+        };
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            engine: Guarded(Some(engine)),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            failed: Mutex::new(None),
+            stats,
+        });
+        let s = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("raftlog-writer".to_string())
+            .spawn(move || s.writer_loop())
+            .map_err(|e| LogError::Io {
+                op: "starting the writer thread for",
+                path: dir.clone(),
+                source: e,
+            })?;
+        Ok(EngineLog {
+            shared,
+            writer: Some(writer),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    fn submit(&self, op: Op, bytes: usize) -> Result<(), LogError> {
+        self.shared.check()?;
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut q = lock(&self.shared.queue);
+            if q.shutdown {
+                return Err(LogError::Closed {
+                    dir: self.shared.dir.clone(),
+                });
+            }
+            q.jobs.push_back(Job { op, bytes, reply: tx });
+        }
+        self.shared.wake.notify_one();
+        rx.recv().unwrap_or_else(|_| {
+            Err(LogError::Closed {
+                dir: self.shared.dir.clone(),
+            })
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fail_syncs(&self, on: bool) {
+        self.shared.stats.fail_syncs.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for EngineLog {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl RaftLogStore for EngineLog {
+    fn write_batch(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
+        // Size limits are checked here, so an oversized batch never queues.
+        let bytes = batch_bytes(&batch)?;
+        if batch.iter().all(GroupWrite::is_empty) {
+            return self.shared.check();
+        }
+        self.submit(Op::Write(batch), bytes)
+    }
+
+    fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {
+        let s = &*self.shared;
+        s.check()?;
+        if !s.engine.raft_groups().contains(&group) {
+            return Ok(None);
+        }
+        let hard_state = match s.engine.get(group, codec::KEY_HARD_STATE) {
+            Some(raw) => codec::decode_hard_state(group, &raw)?,
+            None => Default::default(),
+        };
+        let conf_state = match s.engine.get(group, codec::KEY_CONF_STATE) {
+            Some(raw) => codec::decode_conf_state(group, &raw)?,
+            None => Default::default(),
+        };
+        let destaged_index = match s.engine.get(group, codec::KEY_DESTAGED) {
+            Some(raw) => codec::decode_destaged(group, &raw)?,
+            None => 0,
+        };
+        let mut entries = Vec::new();
+        if let Some((first, last)) = s.span(group) {
+            let read_err = |reason: String| LogError::ReadEntries {
+                group,
+                first,
+                last,
+                reason,
+            };
+            s.engine
+                .fetch_entries_to::<RaftEntries>(group, first, last + 1, None, &mut entries)
+                .map_err(|e| read_err(e.to_string()))?;
+            // Entries come back parsed from disk: check they are the ones asked for.
+            for (i, e) in entries.iter().enumerate() {
+                if e.index != first + i as u64 {
+                    return Err(read_err(format!("entry {} found at position {}", e.index, i)));
+                }
+            }
+            if entries.len() as u64 != last - first + 1 {
+                return Err(read_err(format!("{} entries read", entries.len())));
+            }
+        }
+        Ok(Some(GroupState {
+            hard_state,
+            conf_state,
+            destaged_index,
+            entries,
+        }))
+    }
+
+    fn groups(&self) -> Result<Vec<u64>, LogError> {
+        self.shared.check()?;
+        let mut groups = self.shared.engine.raft_groups();
+        groups.sort_unstable();
+        Ok(groups)
+    }
+
+    fn remove_group(&self, group: u64) -> Result<(), LogError> {
+        self.submit(Op::Remove(group), 0)
+    }
+
+    fn sync_count(&self) -> u64 {
+        self.shared.stats.syncs.load(Ordering::Relaxed)
+    }
+
+    fn purge(&self) -> Result<Vec<u64>, LogError> {
+        let s = &*self.shared;
+        s.check()?;
+        match catch_unwind(AssertUnwindSafe(|| s.engine.purge_expired_files())) {
+            Ok(Ok(groups)) => Ok(groups),
+            Ok(Err(e)) => Err(LogError::Write {
+                dir: s.dir.clone(),
+                reason: format!("purging old files: {e}"),
+            }),
+            Err(panic) => {
+                let reason = format!("raft-engine panicked while purging: {}", panic_message(&*panic));
+                s.fail(reason.clone());
+                Err(LogError::Failed {
+                    dir: s.dir.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+}

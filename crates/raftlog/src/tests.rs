@@ -1,0 +1,826 @@
+//! Behaviour every store shares (run against both [`MemLog`] and
+//! [`EngineLog`], each also after a restart), then what is particular to each.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+
+use bytes::Bytes;
+
+use crate::*;
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        data: Bytes::from(format!("group data {index}@{term} ").repeat(8)),
+        ..Default::default()
+    }
+}
+
+fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
+    range.map(|i| entry(i, term)).collect()
+}
+
+fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
+    HardState {
+        term,
+        vote,
+        commit,
+        ..Default::default()
+    }
+}
+
+fn append(group: u64, es: Vec<Entry>) -> GroupWrite {
+    GroupWrite {
+        group,
+        entries: es,
+        ..Default::default()
+    }
+}
+
+fn indexes(state: &GroupState) -> Vec<(u64, u64)> {
+    state.entries.iter().map(|e| (e.index, e.term)).collect()
+}
+
+fn load<S: RaftLogStore>(s: &S, group: u64) -> GroupState {
+    s.load(group)
+        .unwrap()
+        .unwrap_or_else(|| panic!("group {group} missing"))
+}
+
+// ---------------------------------------------------------------------------
+// Shared behaviour. `open` returns the store as a restarted process would
+// find it: everything written before is expected to be there.
+
+fn round_trip<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    assert_eq!(s.groups().unwrap(), Vec::<u64>::new());
+    let mut batch = Vec::new();
+    for g in [7u64, 3, 1 << 40] {
+        batch.push(GroupWrite {
+            group: g,
+            entries: entries(1..=5, 2),
+            hard_state: Some(hard_state(2, g % 5, 4)),
+            conf_state: Some(ConfState::from((vec![1, 2, 3], vec![g]))),
+            destaged_index: Some(3),
+            compact_to: None,
+        });
+    }
+    s.write_batch(batch).unwrap();
+    let check = |s: &S| {
+        assert_eq!(s.groups().unwrap(), vec![3, 7, 1 << 40]);
+        for g in [7u64, 3, 1 << 40] {
+            let st = load(s, g);
+            assert_eq!(st.hard_state, hard_state(2, g % 5, 4));
+            assert_eq!(st.conf_state, ConfState::from((vec![1, 2, 3], vec![g])));
+            assert_eq!(st.destaged_index, 3);
+            assert_eq!(st.entries, entries(1..=5, 2));
+        }
+        assert!(s.load(99).unwrap().is_none());
+    };
+    check(&s);
+    drop(s);
+    check(&open());
+}
+
+fn values_alone_create_a_group<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![GroupWrite {
+        group: 4,
+        hard_state: Some(hard_state(1, 1, 0)),
+        ..Default::default()
+    }])
+    .unwrap();
+    drop(s);
+    let s = open();
+    let st = load(&s, 4);
+    assert_eq!(st.hard_state, hard_state(1, 1, 0));
+    assert_eq!(st.conf_state, ConfState::default());
+    assert_eq!(st.destaged_index, 0);
+    assert!(st.entries.is_empty());
+    // Later values replace earlier ones; absent ones are kept.
+    s.write_batch(vec![GroupWrite {
+        group: 4,
+        destaged_index: Some(9),
+        ..Default::default()
+    }])
+    .unwrap();
+    let st = load(&s, 4);
+    assert_eq!((st.hard_state, st.destaged_index), (hard_state(1, 1, 0), 9));
+    // An empty write is fine and stores nothing.
+    s.write_batch(vec![GroupWrite {
+        group: 5,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(s.groups().unwrap(), vec![4]);
+}
+
+fn truncation<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![append(1, entries(1..=10, 1))]).unwrap();
+    // A new leader (term 2) overwrites from index 7: 9 and 10 must go.
+    s.write_batch(vec![append(1, entries(7..=8, 2))]).unwrap();
+    let want: Vec<Entry> = entries(1..=6, 1).into_iter().chain(entries(7..=8, 2)).collect();
+    assert_eq!(load(&s, 1).entries, want);
+    drop(s);
+    let s = open();
+    assert_eq!(load(&s, 1).entries, want);
+    // Appending right after the end continues the log.
+    s.write_batch(vec![append(1, entries(9..=9, 2))]).unwrap();
+    assert_eq!(load(&s, 1).entries.len(), 9);
+}
+
+fn same_group_twice_in_one_batch<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![
+        append(1, entries(1..=3, 1)),
+        append(2, entries(1..=1, 1)),
+        append(1, entries(4..=5, 1)),
+        append(1, entries(5..=6, 2)),
+    ])
+    .unwrap();
+    drop(s);
+    let s = open();
+    assert_eq!(
+        indexes(&load(&s, 1)),
+        vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2)]
+    );
+}
+
+fn compaction<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![append(1, entries(1..=10, 1))]).unwrap();
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        compact_to: Some(5),
+        destaged_index: Some(4),
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(load(&s, 1).entries, entries(5..=10, 1));
+    // Entries first, then compaction, in one write.
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        entries: entries(11..=12, 1),
+        compact_to: Some(8),
+        ..Default::default()
+    }])
+    .unwrap();
+    drop(s);
+    let s = open();
+    let st = load(&s, 1);
+    assert_eq!(st.entries, entries(8..=12, 1));
+    assert_eq!(st.destaged_index, 4);
+    // Compacting below the first entry changes nothing.
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        compact_to: Some(3),
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(load(&s, 1).entries, entries(8..=12, 1));
+    // Rewriting compacted entries is refused.
+    let err = s.write_batch(vec![append(1, entries(6..=7, 2))]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::BelowCompacted {
+                group: 1,
+                index: 6,
+                first_index: 8
+            }
+        ),
+        "{err}"
+    );
+    // Compacting past the end empties the log but keeps the group.
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        compact_to: Some(13),
+        ..Default::default()
+    }])
+    .unwrap();
+    drop(s);
+    let s = open();
+    let st = load(&s, 1);
+    assert!(st.entries.is_empty());
+    assert_eq!(s.groups().unwrap(), vec![1]);
+    s.write_batch(vec![append(1, entries(13..=14, 3))]).unwrap();
+    assert_eq!(load(&s, 1).entries, entries(13..=14, 3));
+}
+
+fn snapshot_jump<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![append(1, entries(1..=5, 1))]).unwrap();
+    let err = s.write_batch(vec![append(1, entries(100..=101, 4))]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LogError::Gap {
+                group: 1,
+                index: 100,
+                last_index: 5
+            }
+        ),
+        "{err}"
+    );
+    // With compaction up to the new entries, the jump is a snapshot install.
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        entries: entries(100..=101, 4),
+        compact_to: Some(100),
+        hard_state: Some(hard_state(4, 0, 99)),
+        ..Default::default()
+    }])
+    .unwrap();
+    drop(s);
+    let s = open();
+    let st = load(&s, 1);
+    assert_eq!(st.entries, entries(100..=101, 4));
+    assert_eq!(st.hard_state.commit, 99);
+    s.write_batch(vec![append(1, entries(102..=102, 4))]).unwrap();
+    assert_eq!(load(&s, 1).entries.len(), 3);
+}
+
+fn refusals_store_nothing<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![append(1, entries(1..=3, 1))]).unwrap();
+    let refused = |s: &S, batch: Vec<GroupWrite>| {
+        // A valid write to another group rides along: it must not land either.
+        let mut all = vec![append(2, entries(1..=2, 1))];
+        all.extend(batch);
+        s.write_batch(all).unwrap_err()
+    };
+    let err = refused(&s, vec![append(1, vec![entry(4, 1), entry(6, 1)])]);
+    assert!(
+        matches!(
+            err,
+            LogError::NotContiguous {
+                group: 1,
+                index: 6,
+                expected: 5
+            }
+        ),
+        "{err}"
+    );
+    let err = refused(&s, vec![append(1, vec![entry(0, 1)])]);
+    assert!(matches!(err, LogError::NotContiguous { index: 0, .. }), "{err}");
+    let err = refused(&s, vec![append(1, entries(5..=5, 1))]);
+    assert!(matches!(err, LogError::Gap { .. }), "{err}");
+
+    let mut big = entry(4, 1);
+    big.data = Bytes::from(vec![0u8; MAX_ENTRY_BYTES + 1]);
+    let err = refused(&s, vec![append(1, vec![big])]);
+    assert!(
+        matches!(
+            err,
+            LogError::EntryTooLarge {
+                group: 1,
+                index: 4,
+                max: MAX_ENTRY_BYTES,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let chunk = Bytes::from(vec![7u8; 30 * 1024 * 1024]);
+    let many: Vec<Entry> = (4..=6)
+        .map(|i| {
+            let mut e = entry(i, 1);
+            e.data = chunk.clone();
+            e
+        })
+        .collect();
+    let err = refused(&s, vec![append(1, many)]);
+    assert!(
+        matches!(
+            err,
+            LogError::BatchTooLarge {
+                max: MAX_BATCH_BYTES,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    drop(s);
+    let s = open();
+    assert_eq!(s.groups().unwrap(), vec![1]);
+    assert_eq!(load(&s, 1).entries, entries(1..=3, 1));
+}
+
+fn big_entries_fit<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    let mut e = entry(1, 1);
+    e.data = Bytes::from(vec![0x5au8; 32 * 1024 * 1024 + 4096]);
+    s.write_batch(vec![append(1, vec![e.clone()])]).unwrap();
+    drop(s);
+    let s = open();
+    assert_eq!(load(&s, 1).entries, vec![e]);
+}
+
+fn remove_group<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    s.write_batch(vec![
+        GroupWrite {
+            group: 1,
+            entries: entries(1..=4, 1),
+            hard_state: Some(hard_state(1, 1, 4)),
+            destaged_index: Some(2),
+            ..Default::default()
+        },
+        append(2, entries(1..=2, 1)),
+    ])
+    .unwrap();
+    s.remove_group(1).unwrap();
+    assert!(s.load(1).unwrap().is_none());
+    drop(s);
+    let s = open();
+    assert_eq!(s.groups().unwrap(), vec![2]);
+    assert!(s.load(1).unwrap().is_none());
+    assert_eq!(load(&s, 2).entries, entries(1..=2, 1));
+    // The replica moves back: the same group id starts over from nothing.
+    s.write_batch(vec![append(1, entries(1..=1, 5))]).unwrap();
+    drop(s);
+    let s = open();
+    let st = load(&s, 1);
+    assert_eq!(st.entries, entries(1..=1, 5));
+    assert_eq!(st.hard_state, HardState::default());
+    assert_eq!(st.destaged_index, 0);
+    // Removing an unknown group is fine.
+    s.remove_group(42).unwrap();
+}
+
+fn sync_count_grows<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let s = open();
+    let before = s.sync_count();
+    s.write_batch(vec![append(1, entries(1..=1, 1)), append(2, entries(1..=1, 1))])
+        .unwrap();
+    assert_eq!(s.sync_count(), before + 1, "one batch, one fdatasync");
+}
+
+fn faults_surface<S: RaftLogStore>(open: &mut dyn FnMut() -> S) {
+    let (s, faults) = FaultyLog::new(open());
+    s.write_batch(vec![append(1, entries(1..=2, 1))]).unwrap();
+    faults.fail_next_writes(2);
+    for i in 3..=4 {
+        let err = s.write_batch(vec![append(1, entries(i..=i, 1))]).unwrap_err();
+        assert!(matches!(err, LogError::Io { op: "write_batch", .. }), "{err}");
+        assert!(err.to_string().contains("injected"), "{err}");
+    }
+    assert!(matches!(s.remove_group(1), Ok(())), "faults are used up");
+    s.write_batch(vec![append(1, entries(1..=2, 1))]).unwrap();
+    assert_eq!(faults.injected(), 2);
+    assert_eq!(load(&s, 1).entries, entries(1..=2, 1), "failed writes did not land");
+
+    // The disk dies after one more write.
+    faults.fail_after_writes(1);
+    s.write_batch(vec![append(1, entries(3..=3, 1))]).unwrap();
+    for _ in 0..3 {
+        assert!(s.write_batch(vec![append(1, entries(4..=4, 1))]).is_err());
+    }
+    assert!(s.remove_group(1).is_err());
+    faults.heal();
+
+    // A write that reached the disk but whose fdatasync failed: the caller
+    // still sees the error.
+    faults.set_failed_writes_land(true);
+    faults.fail_next_writes(1);
+    assert!(s.write_batch(vec![append(1, entries(4..=4, 1))]).is_err());
+    assert_eq!(load(&s, 1).entries, entries(1..=4, 1));
+    assert_eq!(faults.injected(), 7);
+}
+
+macro_rules! shared_tests {
+    ($modname:ident, $fresh:expr) => {
+        mod $modname {
+            use super::*;
+
+            #[test]
+            fn round_trip_of_several_groups() {
+                let mut f = $fresh;
+                round_trip(&mut f.opener());
+            }
+            #[test]
+            fn values_alone() {
+                let mut f = $fresh;
+                values_alone_create_a_group(&mut f.opener());
+            }
+            #[test]
+            fn truncation_replaces_the_tail() {
+                let mut f = $fresh;
+                truncation(&mut f.opener());
+            }
+            #[test]
+            fn one_group_twice_in_a_batch() {
+                let mut f = $fresh;
+                same_group_twice_in_one_batch(&mut f.opener());
+            }
+            #[test]
+            fn compact_to() {
+                let mut f = $fresh;
+                compaction(&mut f.opener());
+            }
+            #[test]
+            fn snapshot_install_jumps_ahead() {
+                let mut f = $fresh;
+                snapshot_jump(&mut f.opener());
+            }
+            #[test]
+            fn bad_writes_are_refused_whole() {
+                let mut f = $fresh;
+                refusals_store_nothing(&mut f.opener());
+            }
+            #[test]
+            fn a_32_mib_entry_fits() {
+                let mut f = $fresh;
+                big_entries_fit(&mut f.opener());
+            }
+            #[test]
+            fn remove_group_then_reuse_it() {
+                let mut f = $fresh;
+                remove_group(&mut f.opener());
+            }
+            #[test]
+            fn one_sync_per_batch() {
+                let mut f = $fresh;
+                sync_count_grows(&mut f.opener());
+            }
+            #[test]
+            fn faulty_log_errors_surface() {
+                let mut f = $fresh;
+                faults_surface(&mut f.opener());
+            }
+        }
+    };
+}
+
+/// A MemLog "restart" is a crash: only what was synced survives, which for
+/// `write_batch` is everything.
+struct MemFixture(Arc<MemLog>);
+
+impl MemFixture {
+    fn opener(&mut self) -> impl FnMut() -> Arc<MemLog> + '_ {
+        || {
+            self.0.crash();
+            self.0.clone()
+        }
+    }
+}
+
+struct EngineFixture {
+    dir: tempfile::TempDir,
+    config: EngineLogConfig,
+}
+
+impl EngineFixture {
+    fn new() -> EngineFixture {
+        EngineFixture::with(small_files())
+    }
+
+    fn with(config: EngineLogConfig) -> EngineFixture {
+        EngineFixture {
+            dir: tempfile::tempdir().unwrap(),
+            config,
+        }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("raft-log")
+    }
+
+    fn open(&self) -> Result<EngineLog, LogError> {
+        EngineLog::open_with(self.path(), self.config.clone())
+    }
+
+    fn opener(&mut self) -> impl FnMut() -> EngineLog + '_ {
+        || self.open().unwrap()
+    }
+}
+
+/// Small files, so tests span several of them.
+fn small_files() -> EngineLogConfig {
+    EngineLogConfig {
+        target_file_size: 16 * 1024,
+        purge_threshold: 64 * 1024,
+        ..EngineLogConfig::default()
+    }
+}
+
+shared_tests!(mem, MemFixture(Arc::new(MemLog::new())));
+shared_tests!(engine, EngineFixture::new());
+
+// ---------------------------------------------------------------------------
+// MemLog
+
+#[test]
+fn mem_crash_loses_only_unsynced_writes() {
+    let m = MemLog::new();
+    m.write_batch(vec![append(1, entries(1..=3, 1))]).unwrap();
+    m.write_unsynced(vec![append(1, entries(4..=5, 1))]).unwrap();
+    m.write_unsynced(vec![append(2, entries(1..=1, 1))]).unwrap();
+    assert_eq!(m.unsynced_writes(), 2);
+    assert_eq!(load(&m, 1).entries.len(), 5, "readers see unsynced writes");
+    m.crash();
+    assert_eq!(load(&m, 1).entries, entries(1..=3, 1));
+    assert!(m.load(2).unwrap().is_none());
+    assert_eq!(m.unsynced_writes(), 0);
+
+    // A removal that was not synced does not happen either.
+    m.write_unsynced(vec![append(1, entries(4..=4, 1))]).unwrap();
+    m.sync();
+    m.write_unsynced(vec![append(1, entries(5..=5, 1))]).unwrap();
+    m.write_unsynced(vec![append(1, entries(6..=6, 1))]).unwrap();
+    m.crash_keeping(1);
+    assert_eq!(
+        load(&m, 1).entries,
+        entries(1..=5, 1),
+        "a prefix of the unsynced writes survives"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// EngineLog: files, recovery, group commit, failures
+
+fn log_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes `n` batches of one entry each (about 2 KiB) to group 1.
+fn fill(s: &EngineLog, n: u64) {
+    for i in 1..=n {
+        let mut e = entry(i, 1);
+        e.data = Bytes::from(format!("payload-{i:06}-").repeat(128));
+        s.write_batch(vec![GroupWrite {
+            group: 1,
+            entries: vec![e],
+            hard_state: Some(hard_state(1, 1, i)),
+            ..Default::default()
+        }])
+        .unwrap();
+    }
+}
+
+fn flip(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, offset).unwrap();
+    for x in &mut b {
+        *x ^= 0xa5;
+    }
+    f.write_all_at(&b, offset).unwrap();
+}
+
+fn find(path: &Path, needle: &[u8]) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("pattern in file") as u64
+}
+
+#[test]
+fn several_files_and_reopen() {
+    let f = EngineFixture::new();
+    let s = f.open().unwrap();
+    fill(&s, 40);
+    drop(s);
+    assert!(log_files(&f.path()).len() >= 3, "small files rotate");
+    let s = f.open().unwrap();
+    let st = load(&s, 1);
+    assert_eq!(st.entries.len(), 40);
+    assert_eq!(st.hard_state.commit, 40);
+}
+
+#[test]
+fn torn_tail_is_dropped() {
+    let f = EngineFixture::new();
+    let s = f.open().unwrap();
+    fill(&s, 40);
+    drop(s);
+    let last = log_files(&f.path()).pop().unwrap();
+    let len = std::fs::metadata(&last).unwrap().len();
+    // A crash cut the last write short.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let report = crate::verify::verify_dir(&f.path()).unwrap();
+    assert_eq!(report.torn.len(), 1);
+    assert!(!report.torn[0].zeroes && report.torn[0].file == last);
+    let s = f.open().unwrap();
+    let st = load(&s, 1);
+    assert_eq!(indexes(&st), (1..=39).map(|i| (i, 1)).collect::<Vec<_>>());
+    assert_eq!(st.hard_state.commit, 39, "the torn batch's hard state went with it");
+    // The log goes on from there.
+    fill_from(&s, 40, 41);
+    drop(s);
+    assert_eq!(load(&f.open().unwrap(), 1).entries.len(), 41);
+}
+
+fn fill_from(s: &EngineLog, from: u64, to: u64) {
+    for i in from..=to {
+        s.write_batch(vec![append(1, vec![entry(i, 1)])]).unwrap();
+    }
+}
+
+#[test]
+fn crash_image_opens_with_everything_synced() {
+    // Copy the directory while the engine runs: what a power cut leaves,
+    // including the zero-filled preallocated tail of the active file.
+    let f = EngineFixture::with(EngineLogConfig {
+        target_file_size: 1024 * 1024,
+        ..small_files()
+    });
+    let s = f.open().unwrap();
+    fill(&s, 10);
+    let image = tempfile::tempdir().unwrap();
+    for p in log_files(&f.path()) {
+        std::fs::copy(&p, image.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let active = log_files(image.path()).pop().unwrap();
+    let bytes = std::fs::read(&active).unwrap();
+    assert_eq!(bytes.last(), Some(&0), "the active file is preallocated with zeroes");
+    let report = crate::verify::verify_dir(image.path()).unwrap();
+    assert!(report.torn.len() == 1 && report.torn[0].zeroes, "{report:?}");
+    let s2 = EngineLog::open(image.path()).unwrap();
+    assert_eq!(load(&s2, 1).entries.len(), 10);
+    drop(s);
+}
+
+#[test]
+fn corruption_in_an_earlier_file_is_refused_with_file_and_offset() {
+    let f = EngineFixture::new();
+    let s = f.open().unwrap();
+    fill(&s, 40);
+    drop(s);
+    let files = log_files(&f.path());
+    let first = &files[0];
+    let len = std::fs::metadata(first).unwrap().len();
+    flip(first, len / 2);
+    let err = f.open().err().expect("corruption refused");
+    let msg = err.to_string();
+    eprintln!("refused: {msg}");
+    let name = first.file_name().unwrap().to_str().unwrap();
+    assert!(matches!(err, LogError::Corrupt { .. }), "{msg}");
+    assert!(msg.contains(name) && msg.contains("offset"), "{msg}");
+}
+
+#[test]
+fn damaged_entry_data_mid_file_is_refused_at_open() {
+    let f = EngineFixture::new();
+    let s = f.open().unwrap();
+    fill(&s, 40);
+    drop(s);
+    let files = log_files(&f.path());
+    let second = &files[1];
+    let at = find(second, b"payload-0000");
+    flip(second, at + 40);
+
+    // raft-engine alone opens this log: it checks entries only when read.
+    let unverified = EngineLog::open_with(
+        f.path(),
+        EngineLogConfig {
+            verify_on_open: false,
+            ..small_files()
+        },
+    )
+    .unwrap();
+    let err = unverified.load(1).unwrap_err();
+    eprintln!("raft-engine alone: {err}");
+    assert!(matches!(err, LogError::ReadEntries { group: 1, .. }), "{err}");
+    drop(unverified);
+
+    let err = f.open().err().expect("corruption refused");
+    let msg = err.to_string();
+    eprintln!("refused: {msg}");
+    assert!(msg.contains(second.file_name().unwrap().to_str().unwrap()), "{msg}");
+    assert!(msg.contains("entries checksum mismatch"), "{msg}");
+}
+
+#[test]
+fn corruption_before_valid_batches_in_the_last_file_is_not_a_torn_tail() {
+    let f = EngineFixture::with(EngineLogConfig {
+        target_file_size: 1024 * 1024,
+        ..small_files()
+    });
+    let s = f.open().unwrap();
+    fill(&s, 10);
+    drop(s);
+    let files = log_files(&f.path());
+    assert_eq!(files.len(), 1);
+    let at = find(&files[0], b"payload-000004");
+    flip(&files[0], at + 100);
+    let err = f.open().err().expect("refused");
+    let msg = err.to_string();
+    eprintln!("refused: {msg}");
+    assert!(msg.contains("not a torn tail"), "{msg}");
+    assert!(msg.contains(files[0].file_name().unwrap().to_str().unwrap()), "{msg}");
+}
+
+#[test]
+fn a_second_process_on_the_same_directory_is_refused() {
+    let f = EngineFixture::new();
+    let _s = f.open().unwrap();
+    let err = f.open().err().expect("locked");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[test]
+fn group_commit_merges_concurrent_writers() {
+    let f = EngineFixture::with(EngineLogConfig {
+        target_file_size: 64 * 1024 * 1024,
+        ..EngineLogConfig::default()
+    });
+    let s = Arc::new(f.open().unwrap());
+    let threads = 8u64;
+    let calls = 25u64;
+    let before = s.sync_count();
+    let start = Arc::new(Barrier::new(threads as usize));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let s = s.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 1..=calls {
+                    s.write_batch(vec![GroupWrite {
+                        group: t,
+                        entries: vec![entry(i, 1)],
+                        hard_state: Some(hard_state(1, 0, i)),
+                        ..Default::default()
+                    }])
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let syncs = s.sync_count() - before;
+    eprintln!(
+        "group commit: {} write_batch calls, {syncs} fdatasyncs",
+        threads * calls
+    );
+    assert!(syncs < threads * calls, "{syncs} syncs for {} calls", threads * calls);
+    for t in 0..threads {
+        assert_eq!(load(&*s, t).entries.len() as u64, calls);
+    }
+}
+
+#[test]
+fn a_failed_fdatasync_fails_every_later_request_until_restart() {
+    let f = EngineFixture::new();
+    let s = f.open().unwrap();
+    s.write_batch(vec![append(1, entries(1..=2, 1))]).unwrap();
+    s.fail_syncs(true);
+    let err = s.write_batch(vec![append(1, entries(3..=3, 1))]).unwrap_err();
+    assert!(matches!(err, LogError::Failed { .. }), "{err}");
+    assert!(err.to_string().contains("fdatasync"), "{err}");
+    // What reached the disk is unknown: the log takes nothing more.
+    let err = s.write_batch(vec![append(1, entries(3..=3, 1))]).unwrap_err();
+    assert!(matches!(err, LogError::Failed { .. }), "{err}");
+    assert!(s.load(1).is_err() && s.remove_group(1).is_err());
+    // Closing syncs (and fails) again: dropping must not panic.
+    drop(s);
+    // A restart recovers from the disk: at least what was acknowledged.
+    let s = f.open().unwrap();
+    let got = load(&s, 1).entries;
+    assert!(got.starts_with(&entries(1..=2, 1)), "{:?}", got.len());
+}
+
+#[test]
+fn purge_reclaims_compacted_files() {
+    let f = EngineFixture::new();
+    let s = f.open().unwrap();
+    fill(&s, 120);
+    let files_before = log_files(&f.path()).len();
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        compact_to: Some(118),
+        ..Default::default()
+    }])
+    .unwrap();
+    s.purge().unwrap();
+    fill_from(&s, 121, 122);
+    drop(s);
+    let s = f.open().unwrap();
+    let st = load(&s, 1);
+    assert_eq!(indexes(&st).first(), Some(&(118, 1)));
+    assert_eq!(st.entries.len(), 5);
+    assert_eq!(st.hard_state.commit, 120);
+    eprintln!(
+        "purge: {files_before} files before, {} live after",
+        log_files(&f.path()).len()
+    );
+}

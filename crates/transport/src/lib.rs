@@ -1,0 +1,363 @@
+//! The peer transport between the triremed nodes of one cluster.
+//!
+//! Owns: the `trireme.v1.PeerService` wire protocol on both ends (see
+//! `proto/trireme/v1/peer.proto`): one long-lived gRPC client stream per
+//! ordered node pair carrying the Raft messages of every group in batches,
+//! unary calls forwarding volume I/O to a group's leader and pushing catalog
+//! changes, the per-peer send queues and their sender tasks (lazy connect,
+//! reconnect with capped exponential backoff and jitter), authentication of
+//! every call (cluster id, shared secret compared in constant time, node id
+//! among the configured peers), size bounds on every message, and the
+//! transport's metrics.
+//!
+//! Driven by: the daemon, which calls [`Transport::start`] inside its tokio
+//! runtime, mounts the returned [`PeerServer`] on its peer listener, feeds
+//! [`Transport::send`] with each replica's outgoing Raft messages, drains the
+//! inbound receiver into the replicas, reports [`Transport::take_unreachable`]
+//! to raft, and implements [`PeerHandler`] for forwarded requests and catalog
+//! changes.
+//!
+//! Must never depend on: NBD, storage, the replica state machine or the
+//! daemon's internals. It moves opaque raft messages and protocol structs;
+//! what they mean is the caller's business.
+
+mod config;
+mod error;
+mod sender;
+mod server;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use trireme_proto::v1::peer_service_client::PeerServiceClient;
+use trireme_proto::v1::peer_service_server::PeerServiceServer;
+
+pub use crate::config::{DEFAULT_MAX_MESSAGE_BYTES, TransportConfig};
+pub use crate::error::TransportError;
+pub use crate::server::{Authenticator, CLUSTER_HEADER, NODE_HEADER, PeerServer, PeerServiceImpl, SECRET_HEADER};
+pub use trireme_proto::v1::{CatalogChange, ForwardReply, ForwardRequest};
+
+use crate::sender::{Backoff, DropReason, Outgoing, PeerCounters, SenderCtx};
+use crate::server::ClientAuth;
+
+/// `ForwardRequest::op` values.
+pub mod op {
+    pub const READ: u32 = 0;
+    pub const WRITE: u32 = 1;
+    pub const WRITE_ZEROES: u32 = 2;
+    pub const TRIM: u32 = 3;
+    pub const FLUSH: u32 = 4;
+}
+
+/// A Raft message received from a peer. `message.from == from` and
+/// `message.to` is this node: the transport drops any other.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub from: u64,
+    pub group_id: u64,
+    pub message: raft::eraftpb::Message,
+}
+
+/// What the daemon implements for requests that arrive from peers. `from`
+/// is the authenticated sender. The transport bounds sizes; the handler
+/// validates contents (op, ranges, names).
+#[tonic::async_trait]
+pub trait PeerHandler: Send + Sync + 'static {
+    async fn forward(&self, from: u64, req: ForwardRequest) -> ForwardReply;
+    async fn catalog(&self, from: u64, change: CatalogChange) -> Result<(), Status>;
+}
+
+/// Counters of one peer's sending side, since [`Transport::start`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Raft messages handed to the peer's stream.
+    pub messages_sent: u64,
+    /// Raft messages dropped: queue full, peer unreachable, oversized.
+    pub messages_dropped: u64,
+    /// `RaftBatch`es handed to the peer's stream.
+    pub batches_sent: u64,
+    /// Streams opened (connections made).
+    pub connects: u64,
+    /// Streams opened after an earlier one ended.
+    pub reconnects: u64,
+    /// Connection attempts that failed.
+    pub connect_failures: u64,
+    /// Open streams that broke.
+    pub stream_breaks: u64,
+}
+
+/// A cloneable handle on the node's peer transport. The sender tasks end
+/// when every handle is dropped, or at [`Transport::shutdown`].
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node_id: u64,
+    peers: BTreeMap<u64, PeerLink>,
+    unreachable: Arc<Mutex<BTreeSet<u64>>>,
+    unknown_dropped: AtomicU64,
+    auth: ClientAuth,
+    request_timeout: Duration,
+    max_message_bytes: usize,
+    shutdown: watch::Sender<bool>,
+}
+
+struct PeerLink {
+    queue: mpsc::Sender<Outgoing>,
+    counters: Arc<PeerCounters>,
+    /// For forward and catalog calls: its own connection, made lazily and
+    /// remade by tonic, so a busy Raft stream never delays them.
+    client: PeerServiceClient<Channel>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("node_id", &self.inner.node_id)
+            .field("peers", &self.inner.peers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Starts a sender task per peer (connecting lazily, on its first
+    /// message; reconnecting with exponential backoff and jitter; one client
+    /// stream per peer; every message queued at the moment goes out in one
+    /// `RaftBatch`, split only past 4 MiB). Returns the handle, the inbound
+    /// Raft receiver (bounded by `inbound_queue_messages`: a full one pushes
+    /// back on the peers' streams) and the service to mount on the node's
+    /// peer listener (see [`server_builder`]). Must be called inside a tokio
+    /// runtime; the error names a bad config field.
+    pub fn start<H: PeerHandler>(
+        config: TransportConfig,
+        handler: Arc<H>,
+    ) -> Result<(Transport, mpsc::Receiver<Inbound>, PeerServer<H>), TransportError> {
+        config.validate()?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| TransportError::Config("Transport::start must be called inside a tokio runtime".into()))?;
+        let auth = ClientAuth::new(config.node_id, &config.cluster_id, &config.secret)?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let unreachable = Arc::new(Mutex::new(BTreeSet::new()));
+        let grpc_limit = config.grpc_message_limit();
+
+        let mut peers = BTreeMap::new();
+        for (&peer, addr) in &config.peers {
+            let endpoint = endpoint(&config, *addr)?;
+            let counters = Arc::new(PeerCounters::new(peer));
+            let (queue, rx) = mpsc::channel(config.queue_messages_per_peer);
+            let ctx = SenderCtx {
+                peer,
+                node_id: config.node_id,
+                endpoint: endpoint.clone(),
+                auth: auth.clone(),
+                counters: counters.clone(),
+                unreachable: unreachable.clone(),
+                shutdown: shutdown_rx.clone(),
+                connect_timeout: config.connect_timeout(),
+                backoff: Backoff::new(
+                    Duration::from_millis(config.backoff_initial_ms),
+                    Duration::from_millis(config.backoff_max_ms),
+                ),
+                max_message_bytes: config.max_message_bytes,
+                grpc_limit,
+                take_at_once: config.queue_messages_per_peer,
+            };
+            runtime.spawn(sender::run(ctx, rx));
+            let client = PeerServiceClient::new(endpoint.connect_lazy())
+                .max_encoding_message_size(grpc_limit)
+                .max_decoding_message_size(grpc_limit);
+            peers.insert(
+                peer,
+                PeerLink {
+                    queue,
+                    counters,
+                    client,
+                },
+            );
+        }
+
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue_messages);
+        let service = PeerServiceImpl::new(
+            config.node_id,
+            handler,
+            inbound_tx,
+            config.max_message_bytes,
+            shutdown_rx,
+        );
+        let server = PeerServiceServer::new(service)
+            .max_decoding_message_size(grpc_limit)
+            .max_encoding_message_size(grpc_limit);
+        let authenticator = Authenticator::new(
+            config.node_id,
+            &config.cluster_id,
+            &config.secret,
+            config.peers.keys().copied().collect(),
+        );
+        let server = tonic::service::interceptor::InterceptedService::new(server, authenticator);
+
+        let transport = Transport {
+            inner: Arc::new(Inner {
+                node_id: config.node_id,
+                peers,
+                unreachable,
+                unknown_dropped: AtomicU64::new(0),
+                auth,
+                request_timeout: config.request_timeout(),
+                max_message_bytes: config.max_message_bytes,
+                shutdown,
+            }),
+        };
+        Ok((transport, inbound_rx, server))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    /// Queues a Raft message for peer `to`; never blocks. When the peer's
+    /// queue is full the message is dropped, counted, and the peer is
+    /// reported by [`Transport::take_unreachable`] (Raft retransmits). A
+    /// message for a node that is not a configured peer is dropped and
+    /// counted too.
+    pub fn send(&self, to: u64, group_id: u64, message: raft::eraftpb::Message) {
+        let Some(link) = self.inner.peers.get(&to) else {
+            self.inner.unknown_dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("trireme_transport_messages_dropped_total", "peer" => to.to_string(), "reason" => "unknown_peer")
+                .increment(1);
+            tracing::debug!(
+                node = self.inner.node_id,
+                to,
+                group_id,
+                "raft message for an unknown peer dropped"
+            );
+            return;
+        };
+        match link.queue.try_send(Outgoing { group_id, message }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                link.counters.dropped(DropReason::QueueFull, 1);
+                self.inner
+                    .unreachable
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(to);
+            }
+            Err(TrySendError::Closed(_)) => link.counters.dropped(DropReason::Closed, 1),
+        }
+    }
+
+    /// Peers whose stream broke, whose connection failed, or whose queue
+    /// overflowed since the last call, so the caller can
+    /// `report_unreachable` them to raft. Ascending node ids.
+    pub fn take_unreachable(&self) -> Vec<u64> {
+        let mut set = self.inner.unreachable.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *set).into_iter().collect()
+    }
+
+    /// Forwards one volume request to peer `to` and waits for its reply, at
+    /// most `request_timeout_ms`.
+    pub async fn forward(&self, to: u64, req: ForwardRequest) -> Result<ForwardReply, TransportError> {
+        self.unary(
+            to,
+            req,
+            |mut client, request| async move { client.forward(request).await },
+        )
+        .await
+    }
+
+    /// Pushes a catalog change to peer `to` and waits until it is applied
+    /// there, at most `request_timeout_ms`.
+    pub async fn catalog(&self, to: u64, change: CatalogChange) -> Result<(), TransportError> {
+        self.unary(to, change, |mut client, request| async move {
+            client.catalog(request).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn unary<T, R, F, Fut>(&self, to: u64, message: T, call: F) -> Result<R, TransportError>
+    where
+        T: prost::Message,
+        F: FnOnce(PeerServiceClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let link = self.inner.peers.get(&to).ok_or(TransportError::UnknownPeer(to))?;
+        let bytes = message.encoded_len();
+        if bytes > self.inner.max_message_bytes {
+            return Err(TransportError::TooLarge {
+                bytes,
+                limit: self.inner.max_message_bytes,
+            });
+        }
+        let timeout = self.inner.request_timeout;
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut request = self.inner.auth.request(message);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, call(link.client.clone(), request)).await {
+            Err(_) => Err(TransportError::Timeout { peer: to, timeout_ms }),
+            Ok(Err(status)) => Err(TransportError::from_status(to, timeout_ms, status)),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    }
+
+    /// Sending-side counters of peer `to`, None if it is not a peer.
+    pub fn peer_stats(&self, to: u64) -> Option<PeerStats> {
+        self.inner.peers.get(&to).map(|l| l.counters.snapshot())
+    }
+
+    /// Raft messages dropped because their destination is not a peer.
+    pub fn unknown_peer_dropped(&self) -> u64 {
+        self.inner.unknown_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Ends every sender task (closing its stream) and every inbound Raft
+    /// stream this node's [`PeerServer`] is serving, so that a graceful
+    /// server shutdown is not held up by the long-lived streams. Forward and
+    /// catalog calls still work until the server stops.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+}
+
+/// The endpoint of one peer: connect timeout, HTTP/2 keepalive (notices a
+/// stopped peer whose TCP connection stays open), no Nagle.
+fn endpoint(config: &TransportConfig, addr: SocketAddr) -> Result<Endpoint, TransportError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| TransportError::Config(format!("peers: address {addr}: {e}")))?;
+    Ok(endpoint
+        .connect_timeout(config.connect_timeout())
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_millis(config.keepalive_interval_ms))
+        .keep_alive_timeout(Duration::from_millis(config.keepalive_timeout_ms))
+        .keep_alive_while_idle(true))
+}
+
+/// A tonic server builder for the peer listener, with the same HTTP/2
+/// keepalive as the clients (so a stopped peer's streams are closed on this
+/// side too) and no Nagle. Mount the [`PeerServer`] on it.
+pub fn server_builder(config: &TransportConfig) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_millis(config.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(config.keepalive_timeout_ms)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync + Clone>() {}
+        send_sync::<super::Transport>();
+    }
+}
