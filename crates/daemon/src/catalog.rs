@@ -182,6 +182,16 @@ fn change_of(meta: &VolumeMeta, delete: bool) -> CatalogChange {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartMode {
+    /// A new volume's replica.
+    Create,
+    /// An existing replica restarted from its image and log.
+    Restart,
+    /// A replica whose data was lost, starting empty to be rebuilt.
+    Rebuild,
+}
+
 pub struct Catalog {
     node_id: u64,
     volumes_dir: PathBuf,
@@ -251,8 +261,7 @@ impl Catalog {
                 });
             }
             let local = if meta.replicas.contains(&node_id) {
-                let store = UringStore::open(&catalog.engine, &path.join(IMAGE_FILE), meta.size_bytes)?;
-                Some(catalog.start_replica(&meta, &path, store, false)?)
+                Some(catalog.reopen_replica(&meta, &path)?)
             } else {
                 None
             };
@@ -297,7 +306,51 @@ impl Catalog {
     }
 
     /// Starts (or restarts from the durable log) this node's replica.
-    fn start_replica(&self, meta: &VolumeMeta, dir: &Path, store: UringStore, fresh: bool) -> Result<LocalReplica> {
+    /// Restarts a replica after a node restart. A replica whose image or
+    /// log is gone (a replaced disk, a wiped directory) is rebuilt from its
+    /// peers: it starts empty, does not vote until it has caught up (its
+    /// vote could otherwise help elect a leader missing entries it had
+    /// acknowledged), and gets the volume by snapshot or log replay. A
+    /// single-replica volume has no peer to rebuild from, so that refuses
+    /// to start instead of serving a volume with acknowledged writes missing.
+    fn reopen_replica(&self, meta: &VolumeMeta, dir: &Path) -> Result<LocalReplica> {
+        let image = dir.join(IMAGE_FILE);
+        let stored = self.log.load(meta.group_id).map_err(|e| DaemonError::DataDir {
+            path: dir.to_path_buf(),
+            reason: format!("raft log of group {:x}: {e}", meta.group_id),
+        })?;
+        let applied = read_applied_state(&dir.join(STATE_FILE))?;
+        let image_missing = !image.exists();
+        let log_missing = stored.is_none() && applied.destaged_index > 0;
+        if !image_missing && !log_missing {
+            let store = UringStore::open(&self.engine, &image, meta.size_bytes)?;
+            return self.start_replica(meta, dir, store, StartMode::Restart);
+        }
+        let what = if image_missing { "image" } else { "raft log" };
+        if meta.replicas.len() < 2 {
+            return Err(DaemonError::DataDir {
+                path: if image_missing { image } else { dir.to_path_buf() },
+                reason: format!(
+                    "the {what} of single-replica volume \"{}\" is missing; acknowledged writes would be lost",
+                    meta.name
+                ),
+            });
+        }
+        warn!(volume = %meta.name, "the replica's {what} is missing: rebuilding it from the other replicas");
+        if stored.is_some() {
+            self.log.remove_group(meta.group_id).map_err(|e| DaemonError::DataDir {
+                path: dir.to_path_buf(),
+                reason: format!("discarding the raft log of group {:x}: {e}", meta.group_id),
+            })?;
+        }
+        let _ = fs::remove_file(dir.join(STATE_FILE));
+        let _ = fs::remove_file(&image);
+        let store = UringStore::create(&self.engine, &image, meta.size_bytes)?;
+        self.start_replica(meta, dir, store, StartMode::Rebuild)
+    }
+
+    fn start_replica(&self, meta: &VolumeMeta, dir: &Path, store: UringStore, mode: StartMode) -> Result<LocalReplica> {
+        let fresh = mode != StartMode::Restart;
         let config = ReplicaConfig::new(self.node_id);
         let raft_err = |e: trireme_replica::ProposeError| DaemonError::DataDir {
             path: dir.to_path_buf(),
@@ -331,7 +384,7 @@ impl Catalog {
         };
         // A new group's first replica campaigns at once instead of waiting
         // out an election timeout; the others join its election.
-        if fresh && meta.replicas.first() == Some(&self.node_id) {
+        if mode == StartMode::Create && meta.replicas.first() == Some(&self.node_id) {
             let _ = replica.campaign();
         }
         let store = Arc::new(store);
@@ -344,6 +397,7 @@ impl Catalog {
             state_path: dir.join(STATE_FILE),
             transport: self.transport.clone(),
             log: self.log_writer.clone(),
+            recovering: mode == StartMode::Rebuild,
         });
         self.groups
             .write()
@@ -514,7 +568,7 @@ impl Catalog {
         };
         let local = match store {
             // The open file moved with its directory; only the path changed.
-            Some(store) => Some(self.start_replica(&meta, &final_dir, store, true)?),
+            Some(store) => Some(self.start_replica(&meta, &final_dir, store, StartMode::Create)?),
             None => None,
         };
         let v = Volume::new(meta.clone(), local, self.node_id, self.transport.clone());

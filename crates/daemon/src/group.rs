@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use trireme_raftlog::GroupWrite;
 use trireme_replica::raft::StateRole;
-use trireme_replica::raft::eraftpb::Message;
+use trireme_replica::raft::eraftpb::{Message, MessageType};
 use trireme_replica::{ApplyError, ExtentData, Output, ProposeError, Replica, Segment, VolumeOp};
 use trireme_storage::uring::UringStore;
 use trireme_storage::{BlockStore, ZeroMode};
@@ -63,11 +63,23 @@ pub enum GroupEvent {
         length: u64,
         reply: Reply<Vec<Segment>>,
     },
-    /// Read the applied state without ReadIndex: only for snapshot copies.
+    /// Read the applied state without ReadIndex, once it has applied at
+    /// least `min_index`: only for snapshot copies.
     ReadLocal {
         offset: u64,
         length: u64,
+        min_index: u64,
         reply: Reply<Vec<Segment>>,
+    },
+    /// Epoch and attached node as of a log index, for a snapshot receiver.
+    EpochAt {
+        index: u64,
+        reply: Reply<(u64, u64)>,
+    },
+    /// The snapshot copy finished: the volume as of `index` is in the image.
+    Installed {
+        index: u64,
+        result: Result<(u64, u64), String>,
     },
     TransferLeader(u64),
     Persisted(u64),
@@ -129,12 +141,29 @@ impl GroupHandle {
         rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
     }
 
-    pub async fn read(&self, offset: u64, length: u64, local: bool) -> Result<Vec<Segment>, GroupError> {
+    /// `local_min_index`: read the applied state directly once it reaches
+    /// that index (snapshot copies); None: a linearizable read.
+    pub async fn epoch_at(&self, index: u64) -> Result<(u64, u64), GroupError> {
         let (reply, rx) = oneshot::channel();
-        let ev = if local {
-            GroupEvent::ReadLocal { offset, length, reply }
-        } else {
-            GroupEvent::Read { offset, length, reply }
+        self.send(GroupEvent::EpochAt { index, reply }).await?;
+        rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
+    }
+
+    pub async fn read(
+        &self,
+        offset: u64,
+        length: u64,
+        local_min_index: Option<u64>,
+    ) -> Result<Vec<Segment>, GroupError> {
+        let (reply, rx) = oneshot::channel();
+        let ev = match local_min_index {
+            Some(min_index) => GroupEvent::ReadLocal {
+                offset,
+                length,
+                min_index,
+                reply,
+            },
+            None => GroupEvent::Read { offset, length, reply },
         };
         self.send(ev).await?;
         rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
@@ -150,7 +179,24 @@ struct PendingRead {
     index: Option<u64>,
 }
 
+/// A snapshot install under way.
+struct Install {
+    index: u64,
+    term: u64,
+    persist: Option<trireme_replica::PersistTask>,
+    conf_state: Option<trireme_replica::raft::eraftpb::ConfState>,
+}
+
+/// Chunk of a snapshot copy: big enough to stream, small enough to bound memory.
+const COPY_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
 struct Driver {
+    installing: Option<Install>,
+    /// Rebuilding after data loss: vote requests are ignored until the
+    /// replica has applied what the leader had committed when it first
+    /// heard from it (or installed a snapshot).
+    recovering: bool,
+    leader_commit_seen: u64,
     group_id: u64,
     volume: String,
     replica: Replica,
@@ -181,6 +227,9 @@ pub struct GroupSetup {
     pub state_path: std::path::PathBuf,
     pub transport: Transport,
     pub log: LogWriter,
+    /// The replica lost its data and is being rebuilt: it must not vote
+    /// until it has caught up.
+    pub recovering: bool,
 }
 
 /// Starts the driver task of a local replica.
@@ -198,6 +247,9 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         log: setup.log,
         tx: tx.clone(),
         status: status.clone(),
+        installing: None,
+        recovering: setup.recovering,
+        leader_commit_seen: 0,
         next_token: 1,
         writes: HashMap::new(),
         parked: VecDeque::new(),
@@ -248,12 +300,28 @@ impl Driver {
     fn handle(&mut self, ev: GroupEvent) {
         match ev {
             GroupEvent::Raft(m) => {
+                let mut m = m;
+                if self.recovering {
+                    match m.get_msg_type() {
+                        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => return,
+                        MessageType::MsgAppend => self.leader_commit_seen = self.leader_commit_seen.max(m.commit),
+                        // The leader still believes this replica holds what it
+                        // held before its data was lost; a heartbeat's commit
+                        // past our log would trip raft's invariant check.
+                        MessageType::MsgHeartbeat => m.commit = m.commit.min(self.replica.last_index()),
+                        _ => {}
+                    }
+                }
                 if let Err(e) = self.replica.step(m) {
                     debug!(group = self.group_id, "dropped a raft message: {e}");
                 }
             }
             GroupEvent::Write { epoch, op, reply } => self.propose(epoch, op, reply),
             GroupEvent::Read { offset, length, reply } => {
+                if self.installing.is_some() {
+                    let _ = reply.send(Err(GroupError::Retry("replica is installing a snapshot".into())));
+                    return;
+                }
                 if self.replica.leader_id() == 0 {
                     let _ = reply.send(Err(GroupError::NotLeader(0)));
                     return;
@@ -271,9 +339,26 @@ impl Driver {
                     },
                 );
             }
-            GroupEvent::ReadLocal { offset, length, reply } => {
-                let _ = reply.send(Ok(self.replica.read(offset, length)));
+            GroupEvent::ReadLocal {
+                offset,
+                length,
+                min_index,
+                reply,
+            } => {
+                let r = if self.installing.is_some() || self.replica.applied_index() < min_index {
+                    Err(GroupError::Retry(format!(
+                        "applied index {} has not reached {min_index}",
+                        self.replica.applied_index()
+                    )))
+                } else {
+                    Ok(self.replica.read(offset, length))
+                };
+                let _ = reply.send(r);
             }
+            GroupEvent::EpochAt { index, reply } => {
+                let _ = reply.send(Ok(self.replica.state().epoch_at(index)));
+            }
+            GroupEvent::Installed { index, result } => self.on_installed(index, result),
             GroupEvent::TransferLeader(to) => {
                 if self.replica.is_leader() && to != self.replica.id() {
                     self.replica.transfer_leader(to);
@@ -339,7 +424,19 @@ impl Driver {
     }
 
     fn drain_ready(&mut self) {
-        while let Some(out) = self.replica.poll() {
+        if self.recovering
+            && self.installing.is_none()
+            && self.leader_commit_seen > 0
+            && self.replica.applied_index() >= self.leader_commit_seen
+        {
+            info!(group = self.group_id, volume = %self.volume, "rebuilt from the log; voting again");
+            self.recovering = false;
+        }
+        // During a snapshot install raft's next Ready must wait until the
+        // volume is copied and the snapshot is persisted.
+        while self.installing.is_none()
+            && let Some(out) = self.replica.poll()
+        {
             self.dispatch(out);
         }
         self.serve_reads();
@@ -351,9 +448,28 @@ impl Driver {
 
     fn dispatch(&mut self, out: Output) {
         for m in out.messages {
+            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
             self.transport.send(m.to, self.group_id, m);
+            if let Some(to) = snapshot_to {
+                // The snapshot message only carries the point to copy from; the
+                // follower pulls the data itself, so it is "sent" once queued.
+                self.replica.report_snapshot(to, true);
+            }
         }
-        if let Some(task) = out.persist {
+        let mut persist = out.persist;
+        if let Some((index, term)) = out.install {
+            info!(group = self.group_id, volume = %self.volume, index, term, "installing a snapshot from the leader");
+            // The Ready's log write (which carries the snapshot) is held
+            // until the copy is done: see on_installed.
+            self.installing = Some(Install {
+                index,
+                term,
+                persist: persist.take(),
+                conf_state: out.conf_state.clone(),
+            });
+            self.start_copy(index);
+        }
+        if let Some(task) = persist {
             let write = GroupWrite {
                 group: self.group_id,
                 entries: task.entries,
@@ -367,7 +483,7 @@ impl Driver {
                 messages_after: task.messages_after,
                 notify: self.tx.clone(),
             });
-        } else if let Some(cs) = out.conf_state.clone() {
+        } else if let Some(cs) = out.conf_state.clone().filter(|_| self.installing.is_none()) {
             let write = GroupWrite {
                 group: self.group_id,
                 conf_state: Some(cs),
@@ -480,6 +596,81 @@ impl Driver {
         });
     }
 
+    /// Fuzzy copy: read the volume from the leader, once it has applied at
+    /// least `index`, chunk by chunk while writes go on; the entries after
+    /// `index` are replayed over the copy afterwards, and each is a full
+    /// overwrite of its range, so the result is exact.
+    fn start_copy(&mut self, index: u64) {
+        let transport = self.transport.clone();
+        let store = self.store.clone();
+        let tx = self.tx.clone();
+        let volume = self.volume.clone();
+        let leader = self.replica.leader_id();
+        let state_path = self.state_path.clone();
+        let group = self.group_id;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = copy_from_leader(&transport, leader, &volume, index, &store, &state_path).await;
+            match &result {
+                Ok(_) => {
+                    info!(group, volume = %volume, index, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot copied")
+                }
+                Err(e) => warn!(group, volume = %volume, index, "snapshot copy failed, retrying: {e}"),
+            }
+            if result.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let _ = tx.send(GroupEvent::Installed { index, result }).await;
+        });
+    }
+
+    fn on_installed(&mut self, index: u64, result: Result<(u64, u64), String>) {
+        let Some(install) = self.installing.take_if(|i| i.index == index) else {
+            return;
+        };
+        let (epoch, attached) = match result {
+            Ok(v) => v,
+            Err(_) => {
+                // Try again: the leader may have moved or been busy.
+                self.installing = Some(install);
+                self.start_copy(index);
+                return;
+            }
+        };
+        self.replica.finish_install(epoch, attached);
+        if self.recovering {
+            info!(group = self.group_id, volume = %self.volume, "rebuilt from a snapshot; voting again");
+            self.recovering = false;
+        }
+        self.destaged_index = index;
+        if let Some(task) = install.persist {
+            // The durable log restarts at the snapshot point: one stand-in
+            // entry carrying its index and term (see Replica::restart),
+            // replacing everything this replica had.
+            let point = trireme_replica::raft::eraftpb::Entry {
+                index: install.index,
+                term: install.term,
+                ..Default::default()
+            };
+            let mut entries = vec![point];
+            entries.extend(task.entries.into_iter().filter(|e| e.index > install.index));
+            let write = GroupWrite {
+                group: self.group_id,
+                entries,
+                hard_state: task.hard_state,
+                conf_state: install.conf_state,
+                destaged_index: Some(index),
+                compact_to: Some(install.index),
+            };
+            self.log.submit(LogJob {
+                write,
+                number: Some(task.number),
+                messages_after: task.messages_after,
+                notify: self.tx.clone(),
+            });
+        }
+    }
+
     fn on_destaged(&mut self, index: u64, result: Result<(), String>) {
         self.destaging = false;
         if let Err(e) = result {
@@ -552,4 +743,100 @@ impl Driver {
         s.lag_bytes = lag_bytes;
         s.progress = progress;
     }
+}
+
+/// Copies the whole volume from `leader` as of at least `index` into the
+/// local image, records the state machine point, and returns the epoch and
+/// attached node as of `index`.
+async fn copy_from_leader(
+    transport: &Transport,
+    leader: u64,
+    volume: &str,
+    index: u64,
+    store: &UringStore,
+    state_path: &std::path::Path,
+) -> Result<(u64, u64), String> {
+    use crate::volume::{fwd_code, fwd_op};
+    use trireme_transport::ForwardRequest;
+    if leader == 0 {
+        return Err("no leader known to copy from".into());
+    }
+    let size = std::fs::metadata(store.path()).map_err(|e| e.to_string())?.len();
+    let request = |op: u32, offset: u64, length: u64| ForwardRequest {
+        volume: volume.to_string(),
+        epoch: index,
+        op,
+        offset,
+        length,
+        data: Vec::new(),
+        may_trim: true,
+    };
+    let mut offset = 0;
+    while offset < size {
+        let length = COPY_CHUNK_BYTES.min(size - offset);
+        let mut tries = 0;
+        let data = loop {
+            let reply = transport
+                .forward(leader, request(fwd_op::READ_LOCAL, offset, length))
+                .await;
+            match reply {
+                Ok(r) if r.errno == fwd_code::OK => break r.data,
+                Ok(r) if r.errno == fwd_code::RETRY && tries < 100 => {
+                    // The leader has not applied up to the snapshot point yet.
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(r) => {
+                    return Err(format!(
+                        "leader {leader} refused the copy at offset {offset}: {}",
+                        r.message
+                    ));
+                }
+                Err(e) => return Err(format!("copying from leader {leader} at offset {offset}: {e}")),
+            }
+        };
+        if data.len() as u64 != length {
+            return Err(format!(
+                "leader returned {} of {length} bytes at offset {offset}",
+                data.len()
+            ));
+        }
+        let r = if data.iter().all(|b| *b == 0) {
+            match store.write_zeroes(offset, length, ZeroMode::Punch).await {
+                Err(trireme_storage::StorageError::Unsupported(_)) => {
+                    store.write(offset, bytes::Bytes::from(data)).await
+                }
+                r => r,
+            }
+        } else {
+            store.write(offset, bytes::Bytes::from(data)).await
+        };
+        r.map_err(|e| e.to_string())?;
+        offset += length;
+    }
+    store.sync().await.map_err(|e| e.to_string())?;
+    let reply = transport
+        .forward(leader, request(fwd_op::EPOCH_AT, index, 0))
+        .await
+        .map_err(|e| e.to_string())?;
+    if reply.errno != fwd_code::OK {
+        return Err(format!(
+            "leader {leader} did not give the epoch at {index}: {}",
+            reply.message
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&reply.data).map_err(|e| e.to_string())?;
+    let epoch = v.get("epoch").and_then(|x| x.as_u64()).unwrap_or(0);
+    let attached = v.get("attached").and_then(|x| x.as_u64()).unwrap_or(0);
+    let state = crate::catalog::AppliedState {
+        destaged_index: index,
+        epoch,
+        attached_node: attached,
+    };
+    let path = state_path.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::catalog::write_applied_state(&path, &state))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((epoch, attached))
 }

@@ -57,6 +57,8 @@ pub mod fwd_op {
     pub const ATTACH: u32 = 6;
     /// The group status as JSON in `data`.
     pub const STATUS: u32 = 7;
+    /// Epoch and attached node as of log index `offset`, as JSON.
+    pub const EPOCH_AT: u32 = 8;
 }
 
 /// Forwarded-reply codes (ForwardReply.errno) beyond the NBD errnos.
@@ -253,10 +255,17 @@ impl Volume {
         let group = &local.group;
         match req.op {
             fwd_op::READ | fwd_op::READ_LOCAL => {
-                let segments = group.read(req.offset, req.length, req.op == fwd_op::READ_LOCAL).await?;
+                // For READ_LOCAL the epoch field carries the index the copy needs.
+                let local_min = (req.op == fwd_op::READ_LOCAL).then_some(req.epoch);
+                let segments = group.read(req.offset, req.length, local_min).await?;
                 materialize(&local.store, segments, req.length)
                     .await
                     .map_err(GroupError::Failed)
+            }
+            fwd_op::EPOCH_AT => {
+                let (epoch, attached) = group.epoch_at(req.offset).await?;
+                let json = serde_json::json!({"epoch": epoch, "attached": attached});
+                Ok(Bytes::from(serde_json::to_vec(&json).unwrap_or_default()))
             }
             fwd_op::WRITE => {
                 let op = VolumeOp::Write {

@@ -115,6 +115,12 @@ pub struct Output {
     pub role: Option<(StateRole, u64)>,
     /// A membership change was applied; persist it with the log.
     pub conf_state: Option<ConfState>,
+    /// A snapshot from the leader replaced this replica's log: (index,
+    /// term). The state machine is reset; the driver must copy the volume
+    /// as of at least that index (fuzzy copy, then the log's entries after
+    /// it are replayed over it), call [`Replica::finish_install`], and only
+    /// then persist `persist` (which carries the snapshot) and poll again.
+    pub install: Option<(u64, u64)>,
 }
 
 /// The replicated volume state machine.
@@ -126,6 +132,26 @@ pub struct VolumeState {
     pub attached_node: u64,
     pub cache: WriteCache,
     pub applied_index: u64,
+    /// (index, epoch, attached node) at each attach applied since the last
+    /// restart or snapshot, the first being the state at that point: a
+    /// snapshot's receiver asks the epoch as of the snapshot index.
+    pub attach_history: Vec<(u64, u64, u64)>,
+    /// A snapshot install is under way: no reads are served meanwhile.
+    pub installing: bool,
+}
+
+impl VolumeState {
+    /// Epoch and attached node as of `index` (which must not be older than
+    /// the first history record; older answers the oldest known).
+    pub fn epoch_at(&self, index: u64) -> (u64, u64) {
+        self.attach_history
+            .iter()
+            .rev()
+            .find(|(i, _, _)| *i <= index)
+            .or(self.attach_history.first())
+            .map(|(_, e, n)| (*e, *n))
+            .unwrap_or((self.epoch, self.attached_node))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -205,7 +231,16 @@ impl Replica {
         Self::with_storage(config, storage, state)
     }
 
-    fn with_storage(config: &ReplicaConfig, storage: MemStorage, state: VolumeState) -> Result<Replica, ProposeError> {
+    fn with_storage(
+        config: &ReplicaConfig,
+        storage: MemStorage,
+        mut state: VolumeState,
+    ) -> Result<Replica, ProposeError> {
+        if state.attach_history.is_empty() {
+            state
+                .attach_history
+                .push((state.applied_index, state.epoch, state.attached_node));
+        }
         let rc = raft_config(config, state.applied_index);
         rc.validate().map_err(|e| ProposeError::Raft(e.to_string()))?;
         let node = RawNode::new(&rc, storage, &crate::raft_logger(config.id))
@@ -416,6 +451,15 @@ impl Replica {
         }
         out.read_states = rd.take_read_states();
         let snapshot = rd.snapshot().clone();
+        if !snapshot.is_empty() {
+            let meta = snapshot.get_metadata();
+            // The leader's state replaces ours; the driver fills it in.
+            self.state.cache = WriteCache::new();
+            self.state.applied_index = meta.index;
+            self.state.installing = true;
+            self.state.attach_history.clear();
+            out.install = Some((meta.index, meta.term));
+        }
         let committed = rd.take_committed_entries();
         self.apply(committed, &mut out);
         let entries = rd.take_entries();
@@ -450,13 +494,46 @@ impl Replica {
             });
         }
         self.node.advance_append_async(rd);
-        self.node.advance_apply_to(self.state.applied_index);
+        self.sync_applied();
         Some(out)
+    }
+
+    /// The volume was copied as of the installed snapshot's index, whose
+    /// epoch and attached node were these.
+    pub fn finish_install(&mut self, epoch: u64, attached_node: u64) {
+        self.state.epoch = epoch;
+        self.state.attached_node = attached_node;
+        self.state.attach_history = vec![(self.state.applied_index, epoch, attached_node)];
+        self.state.installing = false;
+    }
+
+    /// The leader handed a snapshot message to the transport (`ok`), or
+    /// could not; raft resumes probing the follower either way.
+    pub fn report_snapshot(&mut self, peer: u64, ok: bool) {
+        let status = if ok {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.node.report_snapshot(peer, status);
     }
 
     /// The persist task numbered `number` (and every one before it) is durable.
     pub fn on_persisted(&mut self, number: u64) {
         self.node.on_persist_ready(number);
+        // A restored snapshot counts as applied only once it is persisted.
+        self.sync_applied();
+    }
+
+    /// Tells raft how far the state machine has applied, within what raft
+    /// allows: never past what is committed and persisted locally.
+    fn sync_applied(&mut self) {
+        let log = &self.node.raft.raft_log;
+        let limit = log.committed.min(log.persisted);
+        let applied = self.state.applied_index.min(limit);
+        if applied > log.applied {
+            self.node.advance_apply_to(applied);
+        }
     }
 
     fn complete(&mut self, out: &mut Output, index: u64, term: u64, result: Result<u64, ApplyError>) {
@@ -525,6 +602,11 @@ impl Replica {
             VolumeOp::Attach { node_id } => {
                 self.state.epoch += 1;
                 self.state.attached_node = node_id;
+                self.state.attach_history.push((index, self.state.epoch, node_id));
+                // Attaches are rare; a long history is still bounded.
+                if self.state.attach_history.len() > 1024 {
+                    self.state.attach_history.remove(1);
+                }
                 Ok(index)
             }
             _ if entry.epoch < self.state.epoch => Err(ApplyError::Fenced {
