@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """fio (nbd engine) against triremed and against `nbdkit file`, in one run, on one disk.
 
-Usage: python3 benches/fio_compare.py [--runtime-s 10] [--dir DIR] [--json OUT] [--quick]
+Usage: python3 benches/fio_compare.py [--nodes 3] [--runtime-s 10] [--dir DIR] [--json OUT] [--quick]
 
-Builds release binaries, starts a 1-node dev cluster and an nbdkit file server on a raw
-file in the same directory, runs each workload against both, and prints IOPS, MiB/s, mean and
-p99 latency, and Trireme's ratio to the baseline. A job whose fio JSON reports a non-zero
-`error` fails the run instead of printing a figure. This is a benchmark, not a test: nothing
-here asserts a speed.
+Builds release binaries, starts a dev cluster (3 nodes: vol0 has 3 replicas, all on this
+machine's disk) and an nbdkit file server on a raw file in the same directory, runs each
+workload against both, and prints IOPS, MiB/s, mean and p99 latency, and Trireme's ratio to
+the baseline. A job whose fio JSON reports a non-zero `error` fails the run instead of printing
+a figure. This is a benchmark, not a test: nothing here asserts a speed.
 
 Workloads (fio 3.33's nbd engine rejects --fdatasync, so W1 uses --fsync=1, which sends an
 NBD FLUSH after every write):
   W1  4k randwrite, iodepth 1, --fsync=1   (durable QD1 latency)
   W2  4k randwrite, iodepth 32
+  W4  1M sequential write, iodepth 8 (also fills the region W3 reads)
+  W3  4k randread, iodepth 32
 """
 
 import argparse
@@ -29,8 +31,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKLOADS = [
-    ("W1 4k randwrite QD1 fsync=1", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"]),
-    ("W2 4k randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+    ("W1 4k randwrite QD1 fsync=1", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"], "write"),
+    ("W2 4k randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "write"),
+    ("W4 1M seq write QD8", ["--rw=write", "--bs=1M", "--iodepth=8"], "write"),
+    ("W3 4k randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"], "read"),
 ]
 
 
@@ -51,7 +55,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_fio(uri, args, runtime_s, size):
+def run_fio(uri, args, runtime_s, size, direction):
     cmd = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
         "--time_based", f"--runtime={runtime_s}", "--ramp_time=1", "--norandommap",
@@ -66,7 +70,7 @@ def run_fio(uri, args, runtime_s, size):
     job = json.loads(out[start:])["jobs"][0]
     if job["error"] != 0:
         raise SystemExit(f"fio job reported error {job['error']} for {uri} {args}")
-    w = job["write"]
+    w = job[direction]
     return {
         "iops": w["iops"],
         "mib_s": w["bw_bytes"] / (1 << 20),
@@ -78,6 +82,7 @@ def run_fio(uri, args, runtime_s, size):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime-s", type=int, default=10)
+    ap.add_argument("--nodes", type=int, default=3, help="dev cluster size (vol0 gets min(nodes, 3) replicas)")
     ap.add_argument("--dir", default=None, help="where images live (default: a temp dir under the repo's target/)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench-results", "fio_compare.json"))
     ap.add_argument("--quick", action="store_true", help="2 s per workload, for CI")
@@ -100,14 +105,30 @@ def main():
         shutil.rmtree(dev_dir, ignore_errors=True)
         base_port = 27000
         dev = subprocess.Popen(
-            [os.path.join(ROOT, "target/release/trireme"), "dev", "up", "--nodes", "1", "--data-dir", dev_dir,
-             "--base-port", str(base_port), "--volume-size", "1GiB"],
+            [os.path.join(ROOT, "target/release/trireme"), "dev", "up", "--data-dir", dev_dir,
+             "--base-port", str(base_port), "--volume-size", "1GiB", "--nodes", str(a.nodes)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.append(dev)
         line = dev.stdout.readline()
         if not line:
             raise SystemExit("trireme dev up exited before it was ready")
-        trireme_uri = json.loads(line)["nbd_uri"]
+        info = json.loads(line)
+        trireme_uri = info["nbd_uri"]
+        # Leadership follows the consumer: attach vol0 where fio connects
+        # (node 1), so its reads are local and its writes need no forwarding.
+        admin = info["nodes"][0]["admin"]
+        cli = os.path.join(ROOT, "target/release/trireme")
+        subprocess.run([cli, "--admin", admin, "volume", "attach", "vol0", "--node", "1"], check=True,
+                       stdout=subprocess.DEVNULL, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out = subprocess.run([cli, "--admin", admin, "--output", "json", "volume", "info", "vol0"],
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and json.loads(out.stdout).get("leader") == 1:
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit("vol0's leadership did not move to node 1 after attach")
 
         raw = os.path.join(base, "nbdkit.raw")
         with open(raw, "wb") as f:
@@ -120,14 +141,14 @@ def main():
         nbdkit_uri = f"nbd://127.0.0.1:{nbdkit_port}/"
 
         results = []
-        for name, args in WORKLOADS:
+        for name, args, direction in WORKLOADS:
             row = {"workload": name}
             for target, uri in (("triremed", trireme_uri), ("nbdkit-file", nbdkit_uri)):
-                row[target] = run_fio(uri, args, runtime, size)
+                row[target] = run_fio(uri, args, runtime, size, direction)
             row["ratio_iops"] = row["triremed"]["iops"] / max(row["nbdkit-file"]["iops"], 1e-9)
             results.append(row)
 
-        print(f"\nfio --ioengine=nbd, {runtime} s per job, data in {base}\n")
+        print(f"\nfio --ioengine=nbd, {runtime} s per job, {a.nodes}-node cluster, data in {base}\n")
         print(f"| workload | target | IOPS | MiB/s | mean lat (us) | p99 lat (us) | triremed / nbdkit |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for r in results:

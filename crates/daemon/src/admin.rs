@@ -161,9 +161,32 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
                 DaemonError::InvalidArgument(format!("node_id {} is not a node of this cluster", r.node_id)).into(),
             );
         }
+        let before = v.leader_status().await.map(|s| s.epoch).unwrap_or(0);
         v.attach(r.node_id)
             .await
             .map_err(|e| DaemonError::FailedPrecondition(format!("attach failed: {e}")))?;
+        // Sessions take their epoch from the replica on their node, so answer
+        // once the attached node leads with the new epoch applied: a client
+        // connecting there right after this call then writes under it.
+        let wants_leader = v.meta().replicas.contains(&r.node_id);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let s = v.leader_status().await;
+            let done = s
+                .as_ref()
+                .is_some_and(|s| s.epoch > before && (!wants_leader || s.leader == r.node_id));
+            if done {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(DaemonError::FailedPrecondition(format!(
+                    "attach committed, but node {} did not take over the volume within 10 s",
+                    r.node_id
+                ))
+                .into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         Ok(Response::new(pb::AttachVolumeResponse {
             volume: Some(to_proto(&v, true).await),
         }))

@@ -191,6 +191,10 @@ struct Install {
 const COPY_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
 struct Driver {
+    /// Reads waiting for the next ReadIndex round, and the rounds asked:
+    /// one round confirms every read that arrived before it was asked.
+    unindexed: Vec<u64>,
+    read_batches: HashMap<u64, Vec<u64>>,
     installing: Option<Install>,
     /// Rebuilding after data loss: vote requests are ignored until the
     /// replica has applied what the leader had committed when it first
@@ -248,6 +252,8 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         tx: tx.clone(),
         status: status.clone(),
         installing: None,
+        unindexed: Vec::new(),
+        read_batches: HashMap::new(),
         recovering: setup.recovering,
         leader_commit_seen: 0,
         next_token: 1,
@@ -326,8 +332,10 @@ impl Driver {
                     let _ = reply.send(Err(GroupError::NotLeader(0)));
                     return;
                 }
+                // The ReadIndex round is asked once for every read that
+                // arrived in this turn of the loop (batched in drain_ready).
                 let token = self.token();
-                self.replica.read_index(token);
+                self.unindexed.push(token);
                 self.reads.insert(
                     token,
                     PendingRead {
@@ -416,6 +424,10 @@ impl Driver {
                     .send(Err(GroupError::Retry("read index not confirmed in time".into())));
             }
         }
+        // A round whose reads all gave up will never be needed.
+        let reads = &self.reads;
+        self.read_batches
+            .retain(|_, ts| ts.iter().any(|t| reads.contains_key(t)));
         let cached = self.replica.state().cache.bytes();
         if cached > 0 && (cached >= DESTAGE_THRESHOLD_BYTES || self.last_destage.elapsed() >= DESTAGE_INTERVAL) {
             self.start_destage();
@@ -424,6 +436,11 @@ impl Driver {
     }
 
     fn drain_ready(&mut self) {
+        if !self.unindexed.is_empty() {
+            let batch = self.token();
+            self.replica.read_index(batch);
+            self.read_batches.insert(batch, std::mem::take(&mut self.unindexed));
+        }
         if self.recovering
             && self.installing.is_none()
             && self.leader_commit_seen > 0
@@ -516,8 +533,10 @@ impl Driver {
             let mut b = [0u8; 8];
             if rs.request_ctx.len() == 8 {
                 b.copy_from_slice(&rs.request_ctx);
-                if let Some(r) = self.reads.get_mut(&u64::from_le_bytes(b)) {
-                    r.index = Some(rs.index);
+                for t in self.read_batches.remove(&u64::from_le_bytes(b)).unwrap_or_default() {
+                    if let Some(r) = self.reads.get_mut(&t) {
+                        r.index = Some(rs.index);
+                    }
                 }
             }
         }

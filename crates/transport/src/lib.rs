@@ -340,8 +340,16 @@ fn endpoint(config: &TransportConfig, addr: SocketAddr) -> Result<Endpoint, Tran
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_millis(config.keepalive_interval_ms))
         .keep_alive_timeout(Duration::from_millis(config.keepalive_timeout_ms))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
 }
+
+/// HTTP/2 flow-control windows. h2's default of 64 KiB makes a 1 MiB Raft
+/// append wait for 16 window updates; replication streams want a window
+/// of several maximum-size messages in flight.
+const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 
 /// A tonic server builder for the peer listener, with the same HTTP/2
 /// keepalive as the clients (so a stopped peer's streams are closed on this
@@ -351,6 +359,8 @@ pub fn server_builder(config: &TransportConfig) -> tonic::transport::Server {
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_millis(config.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(Duration::from_millis(config.keepalive_timeout_ms)))
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
 }
 
 #[cfg(test)]
