@@ -41,6 +41,9 @@ pub struct VolumeMeta {
 
 /// How long a request keeps looking for a leader before it fails with EIO.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// One forwarded attempt; longer than any healthy request, shorter than
+/// waiting out a leader that stopped answering.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -212,9 +215,15 @@ impl Volume {
             let result = if local || (is_read && self.local.is_some()) {
                 self.execute_local(&req).await
             } else {
-                match self.transport.forward(target, req.clone()).await {
-                    Ok(reply) => reply_to_result(reply),
-                    Err(e) => Err(GroupError::NotLeader(0)).inspect_err(|_| debug!("forward to node {target}: {e}")),
+                // A leader that stopped answering (SIGSTOP, a partition)
+                // must not hold the request past an election: give up on it
+                // after one attempt's time and look for the new leader.
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, self.transport.forward(target, req.clone())).await {
+                    Ok(Ok(reply)) => reply_to_result(reply),
+                    Ok(Err(e)) => {
+                        Err(GroupError::NotLeader(0)).inspect_err(|_| debug!("forward to node {target}: {e}"))
+                    }
+                    Err(_) => Err(GroupError::NotLeader(0)),
                 }
             };
             let wait = match result {
