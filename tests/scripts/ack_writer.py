@@ -2,20 +2,35 @@
 # Durability acceptance item (tests/tests/durability.rs): an acknowledged
 # write must survive a crash (SIGKILL) of triremed.
 #
+# Also the writer of the replication acceptance tests
+# (tests/tests/replication.rs): a leader is SIGKILLed while it writes through
+# a surviving node, which must show as a pause, never as an error.
+#
 # Writes 4 KiB blocks with libnbd, asynchronously (aio_pwrite, INFLIGHT in
 # flight), each to a DISTINCT block index 0, 1, 2, ... with a unique pattern
 # derived from (block index, seed). Every write whose completion reports
 # success has its block index appended to RECORD_FILE, one per line, flushed
-# after each line. Runs until MAX_BLOCKS are written or the connection fails
-# (the server being killed), then exits. Exit status: 0 when all blocks were
-# written, 3 when the connection failed (the expected case in the test).
+# after each line. Runs until MAX_BLOCKS are written, the stop file appears
+# (--stop-file: no new writes are issued, the ones in flight are awaited) or
+# the connection fails (the server being killed), then exits.
 #
-# usage: ack_writer.py URI RECORD_FILE SEED [INFLIGHT] [MAX_BLOCKS]
+# With --timestamps each record line is "INDEX SECONDS", SECONDS being
+# time.monotonic() when the completion was seen (CLOCK_MONOTONIC, the clock
+# of Rust's Instant), so a test can measure pauses between acknowledgements.
+#
+# Exit status: 0 when every issued write succeeded, 3 when the connection
+# failed (the expected case in the durability test), 4 when the connection
+# stayed up but some write completed with an error.
+#
+# usage: ack_writer.py [--stop-file PATH] [--timestamps]
+#                      URI RECORD_FILE SEED [INFLIGHT] [MAX_BLOCKS]
 #
 # Must run under /usr/bin/python3 (libnbd's `nbd` module).
 
+import argparse
 import os
 import sys
+import time
 
 import nbd
 
@@ -23,9 +38,18 @@ from blockpattern import BLOCK, block_pattern
 
 
 def main():
-    uri, record_path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    inflight = int(sys.argv[4]) if len(sys.argv) > 4 else 16
-    max_blocks = int(sys.argv[5]) if len(sys.argv) > 5 else 1 << 18
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stop-file", default=None)
+    ap.add_argument("--timestamps", action="store_true")
+    ap.add_argument("uri")
+    ap.add_argument("record_file")
+    ap.add_argument("seed", type=int)
+    ap.add_argument("inflight", type=int, nargs="?", default=16)
+    ap.add_argument("max_blocks", type=int, nargs="?", default=1 << 18)
+    args = ap.parse_args()
+    uri, record_path, seed = args.uri, args.record_file, args.seed
+    inflight, max_blocks = args.inflight, args.max_blocks
+    stop_file = args.stop_file
 
     h = nbd.NBD()
     h.connect_uri(uri)
@@ -38,9 +62,12 @@ def main():
     acked = 0
     failed = 0
     status = 0
+    stopped = False
     try:
         while True:
-            while len(pending) < inflight and next_block < max_blocks:
+            if stop_file is not None and not stopped and os.path.exists(stop_file):
+                stopped = True
+            while not stopped and len(pending) < inflight and next_block < max_blocks:
                 buf = nbd.Buffer.from_bytearray(block_pattern(next_block, seed))
                 cookie = h.aio_pwrite(buf, next_block * BLOCK)
                 pending[cookie] = (next_block, buf)
@@ -58,7 +85,10 @@ def main():
                 except nbd.Error:
                     ok = False
                 if ok:
-                    record.write("%d\n" % index)
+                    if args.timestamps:
+                        record.write("%d %.6f\n" % (index, time.monotonic()))
+                    else:
+                        record.write("%d\n" % index)
                     record.flush()
                     acked += 1
                 else:
@@ -71,11 +101,13 @@ def main():
     os.fsync(record.fileno())
     record.close()
     print(
-        "ack_writer: issued=%d acked=%d failed=%d unfinished=%d"
-        % (next_block, acked, failed, len(pending)),
+        "ack_writer: issued=%d acked=%d failed=%d unfinished=%d stopped=%s"
+        % (next_block, acked, failed, len(pending), stopped),
         file=sys.stderr,
     )
-    if status == 0:
+    if status == 0 and failed > 0:
+        status = 4
+    if status != 3:
         try:
             h.shutdown()
         except nbd.Error:

@@ -317,11 +317,14 @@ impl Drop for ChildGuard {
 // Ports
 // ---------------------------------------------------------------------------
 
-/// A reserved base port P. Node i uses admin P+i, metrics P+200+i and NBD
-/// P+3700+i. P is restricted to 20000 + 1000*k + 10*j (k < 8, j < 20): with
-/// that layout the admin, metrics and NBD ranges of two different bases never
-/// overlap, so the flock on a per-P lock file is an exact cross-process
-/// reservation (held until the lease is dropped or the process dies).
+/// A reserved base port P. Node i uses admin P+i, metrics P+200+i, peer
+/// P+300+i and NBD P+3700+i (the `trireme dev up` scheme). P is restricted to
+/// 20000 + 1000*k + 10*j (k < 8, j < 10): within one thousand, the admin
+/// ports of every base fall in 1..=99, metrics in 201..=299, peer in
+/// 301..=399 and NBD (three thousands up) in 701..=799, so the ranges of two
+/// different bases never overlap and the flock on a per-P lock file is an
+/// exact cross-process reservation (held until the lease is dropped or the
+/// process dies).
 pub struct PortLease {
     pub base: u16,
     _lock: Flock<File>,
@@ -334,16 +337,20 @@ impl PortLease {
     pub fn metrics(&self, node: u16) -> u16 {
         self.base + 200 + node
     }
+    pub fn peer(&self, node: u16) -> u16 {
+        self.base + 300 + node
+    }
     pub fn nbd(&self, node: u16) -> u16 {
         self.base + 3700 + node
     }
 }
 
-const PORT_SLOTS: u64 = 8 * 20;
+const SLOTS_PER_THOUSAND: u64 = 10;
+const PORT_SLOTS: u64 = 8 * SLOTS_PER_THOUSAND;
 
 fn slot_base(slot: u64) -> u16 {
     let slot = slot % PORT_SLOTS;
-    (20000 + (slot / 20) * 1000 + (slot % 20) * 10) as u16
+    (20000 + (slot / SLOTS_PER_THOUSAND) * 1000 + (slot % SLOTS_PER_THOUSAND) * 10) as u16
 }
 
 pub fn port_bindable(port: u16) -> bool {
@@ -362,8 +369,8 @@ fn fnv1a(data: &[u8]) -> u64 {
 static LOCAL_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 static ALLOC_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Picks a base port whose 27 ports (nodes 1..=9) are all bindable right now
-/// and reserves it. Starts from a hash of the test name, the pid and an
+/// Picks a base port whose 36 ports (admin, metrics, peer and NBD of nodes
+/// 1..=9) are all bindable right now and reserves it. Starts from a hash of the test name, the pid and an
 /// attempt counter, stepping by one slot (10 ports) until a free one is found.
 pub fn alloc_ports(test_name: &str) -> Result<PortLease> {
     let lock_dir = std::env::temp_dir().join("trireme-tests-ports");
@@ -388,7 +395,7 @@ pub fn alloc_ports(test_name: &str) -> Result<PortLease> {
             continue;
         };
         let all_free = (1..=9u16)
-            .flat_map(|i| [base + i, base + 200 + i, base + 3700 + i])
+            .flat_map(|i| [base + i, base + 200 + i, base + 300 + i, base + 3700 + i])
             .all(port_bindable);
         if !all_free {
             continue;
@@ -511,14 +518,86 @@ pub struct DevUpInfo {
     pub nbd_uri: String,
 }
 
-/// One `trireme dev up --nodes 1` plus whatever the test restarted.
+/// One replica of a volume as `trireme volume info --output json` reports it
+/// (the leader's view).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReplicaInfo {
+    pub node_id: u64,
+    pub role: String,
+    /// "healthy", "catching-up", "snapshot", "down" or "unknown".
+    pub state: String,
+    pub match_index: u64,
+    pub lag_entries: u64,
+    pub lag_bytes: u64,
+}
+
+/// `trireme volume info NAME --output json` (the fields the tests use).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size_bytes: u64,
+    /// 0 when there is no leader right now.
+    pub leader: u64,
+    pub replicas: Vec<ReplicaInfo>,
+    pub epoch: u64,
+    pub attached_node: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    #[serde(default)]
+    pub allocated_bytes: u64,
+    #[serde(default)]
+    pub open_sessions: u64,
+}
+
+impl VolumeInfo {
+    pub fn replica(&self, node_id: u64) -> Option<&ReplicaInfo> {
+        self.replicas.iter().find(|r| r.node_id == node_id)
+    }
+
+    /// True if `node_id` is reported healthy with no lag.
+    pub fn caught_up(&self, node_id: u64) -> bool {
+        self.replica(node_id)
+            .is_some_and(|r| r.state == "healthy" && r.lag_entries == 0)
+    }
+
+    /// True if every one of `nodes` is reported healthy with no lag.
+    pub fn all_caught_up(&self, nodes: &[u64]) -> bool {
+        nodes.iter().all(|&n| self.caught_up(n))
+    }
+
+    /// One line for logs and assertion messages.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "leader {} term {} epoch {} attached {} commit {} applied {}; replicas:",
+            self.leader, self.term, self.epoch, self.attached_node, self.commit_index, self.applied_index
+        );
+        for r in &self.replicas {
+            let _ = write!(
+                s,
+                " [node {} {} {} match {} lag {} ({} B)]",
+                r.node_id, r.role, r.state, r.match_index, r.lag_entries, r.lag_bytes
+            );
+        }
+        s
+    }
+}
+
+/// How long one `volume info` CLI call may take.
+const VOLUME_INFO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between `volume info` polls (each one spawns the CLI).
+const VOLUME_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One `trireme dev up --nodes N` plus whatever the test restarted.
 /// Dropping it kills everything it started.
 pub struct Cluster {
     pub info: DevUpInfo,
-    /// Current pid of node 1 (changes after `restart_node`).
-    node_pid: i32,
+    /// Current pid of each node, in the order of `info.nodes` (changes after
+    /// a restart).
+    pids: Vec<i32>,
     dev_up: Option<ChildGuard>,
-    restarted: Vec<ChildGuard>,
+    /// Nodes the test restarted from their argv: (node id, process).
+    restarted: Vec<(u64, ChildGuard)>,
     dev_up_stderr: PathBuf,
     root: PathBuf,
     // Dropped last (declaration order): ports stay reserved and the dir
@@ -533,24 +612,30 @@ fn mentions_addr_in_use(text: &str) -> bool {
 }
 
 impl Cluster {
-    /// `dev up` with the default 1 GiB `vol0`.
+    /// `dev up` (one node) with the default 1 GiB `vol0`.
     pub fn start(test_name: &str) -> Result<Self> {
         Self::start_with(test_name, None)
     }
 
-    /// `dev up`, optionally with `--volume-size SIZE`. Retries with another
-    /// base port when the failure says an address was in use.
+    /// `dev up` (one node), optionally with `--volume-size SIZE`.
     pub fn start_with(test_name: &str, volume_size: Option<&str>) -> Result<Self> {
+        Self::start_nodes(test_name, 1, volume_size)
+    }
+
+    /// `dev up --nodes N`, optionally with `--volume-size SIZE`. Retries with
+    /// another base port when the failure says an address was in use.
+    pub fn start_nodes(test_name: &str, nodes: usize, volume_size: Option<&str>) -> Result<Self> {
+        ensure!((1..=9).contains(&nodes), "dev up supports 1 to 9 nodes, not {nodes}");
         let dir = test_dir(test_name)?;
         let mut last_err = None;
         for attempt in 1..=3 {
             let ports = alloc_ports(test_name)?;
             let root = dir.path().join(format!("cluster-{attempt}"));
             fs::create_dir_all(&root)?;
-            match Self::try_start(&root, ports, volume_size) {
+            match Self::try_start(&root, ports, nodes, volume_size) {
                 Ok((info, dev_up, ports)) => {
                     return Ok(Self {
-                        node_pid: info.nodes.first().map(|n| n.pid).unwrap_or(0),
+                        pids: info.nodes.iter().map(|n| n.pid).collect(),
                         info,
                         dev_up: Some(dev_up),
                         restarted: Vec::new(),
@@ -576,6 +661,7 @@ impl Cluster {
     fn try_start(
         root: &Path,
         ports: PortLease,
+        nodes: usize,
         volume_size: Option<&str>,
     ) -> std::result::Result<(DevUpInfo, ChildGuard, PortLease), (anyhow::Error, bool)> {
         let fail = |e: anyhow::Error| (e, false);
@@ -584,7 +670,7 @@ impl Cluster {
         let stderr_path = root.join("devup.stderr");
         let stderr = File::create(&stderr_path).map_err(|e| fail(e.into()))?;
         let mut cmd = Command::new(&trireme);
-        cmd.args(["dev", "up", "--nodes", "1", "--data-dir"])
+        cmd.args(["dev", "up", "--nodes", &nodes.to_string(), "--data-dir"])
             .arg(&data_dir)
             .arg("--base-port")
             .arg(ports.base.to_string());
@@ -609,14 +695,18 @@ impl Cluster {
         });
         let diag = |why: String| {
             let stderr_text = tail(&stderr_path, 40);
-            let log = data_dir.join("node-1").join("triremed.log");
-            let log_text = tail(&log, 40);
-            let in_use = mentions_addr_in_use(&stderr_text) || mentions_addr_in_use(&log_text);
+            let mut logs = String::new();
+            let mut in_use = mentions_addr_in_use(&stderr_text);
+            for i in 1..=nodes {
+                let log = data_dir.join(format!("node-{i}")).join("triremed.log");
+                let log_text = tail(&log, 40);
+                in_use |= mentions_addr_in_use(&log_text);
+                let _ = write!(logs, "\n--- {} (tail) ---\n{log_text}", log.display());
+            }
             (
                 anyhow!(
-                    "`trireme dev up` (base port {}) failed: {why}\n--- dev up stderr (tail) ---\n{stderr_text}\n--- {} (tail) ---\n{log_text}",
+                    "`trireme dev up --nodes {nodes}` (base port {}) failed: {why}\n--- dev up stderr (tail) ---\n{stderr_text}{logs}",
                     ports.base,
-                    log.display()
                 ),
                 in_use,
             )
@@ -642,47 +732,95 @@ impl Cluster {
             Ok(i) => i,
             Err(e) => return Err(diag(format!("bad ready line {line:?}: {e}"))),
         };
-        if info.nodes.len() != 1 {
-            return Err(diag(format!("expected exactly 1 node in {line}")));
+        if info.nodes.len() != nodes {
+            return Err(diag(format!("expected exactly {nodes} node(s) in {line}")));
         }
         Ok((info, guard, ports))
     }
 
+    /// Node 1 (the first node dev up printed).
     pub fn node(&self) -> &NodeInfo {
         &self.info.nodes[0]
     }
 
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.info.nodes
+    }
+
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.info.nodes.iter().map(|n| n.id).collect()
+    }
+
+    fn index_of(&self, id: u64) -> Result<usize> {
+        self.info
+            .nodes
+            .iter()
+            .position(|n| n.id == id)
+            .ok_or_else(|| anyhow!("no node {id} in this cluster"))
+    }
+
+    pub fn node_by_id(&self, id: u64) -> Result<&NodeInfo> {
+        Ok(&self.info.nodes[self.index_of(id)?])
+    }
+
     /// Current pid of node 1.
     pub fn node_pid(&self) -> i32 {
-        self.node_pid
+        self.pids[0]
+    }
+
+    /// Current pid of node `id`.
+    pub fn pid_of(&self, id: u64) -> Result<i32> {
+        Ok(self.pids[self.index_of(id)?])
     }
 
     pub fn node_alive(&self) -> bool {
-        pid_alive(self.node_pid)
+        pid_alive(self.node_pid())
+    }
+
+    /// True if node `id`'s current process exists (running or stopped).
+    pub fn is_alive(&self, id: u64) -> bool {
+        self.pid_of(id).is_ok_and(pid_alive)
+    }
+
+    /// True if node `id` is alive and not stopped (SIGSTOP), i.e. it can answer.
+    pub fn is_running(&self, id: u64) -> bool {
+        self.pid_of(id)
+            .is_ok_and(|pid| pid_alive(pid) && !matches!(proc_state(pid), Some('T') | Some('t')))
     }
 
     pub fn dev_up_pid(&self) -> Option<i32> {
         self.dev_up.as_ref().map(ChildGuard::pid)
     }
 
+    /// Admin address of node 1.
     pub fn admin(&self) -> &str {
         &self.node().admin
     }
 
+    pub fn admin_of(&self, id: u64) -> Result<&str> {
+        Ok(&self.node_by_id(id)?.admin)
+    }
+
+    /// NBD address of node 1.
     pub fn nbd_addr(&self) -> &str {
         &self.node().nbd
     }
 
-    /// `nbd://HOST:PORT/vol0` as printed by dev up.
+    /// `nbd://HOST:PORT/vol0` of node 1, as printed by dev up.
     pub fn nbd_uri(&self) -> &str {
         &self.info.nbd_uri
+    }
+
+    /// `nbd://HOST:PORT/vol0` of node `id`.
+    pub fn nbd_uri_of(&self, id: u64) -> Result<String> {
+        Ok(format!("nbd://{}/{}", self.node_by_id(id)?.nbd, self.info.volume))
     }
 
     pub fn volume(&self) -> &str {
         &self.info.volume
     }
 
-    /// `nbd+unix:///vol0?socket=PATH`.
+    /// `nbd+unix:///vol0?socket=PATH` of node 1.
     pub fn unix_uri(&self) -> String {
         format!(
             "nbd+unix:///{}?socket={}",
@@ -696,62 +834,100 @@ impl Cluster {
         &self.root
     }
 
-    /// Log tail and dev up stderr, for failure messages.
+    /// Log tails of every node and dev up's stderr, for failure messages.
     pub fn diag(&self) -> String {
-        format!(
-            "--- {} (tail) ---\n{}\n--- dev up stderr (tail) ---\n{}",
-            self.node().log.display(),
-            tail(&self.node().log, 30),
-            tail(&self.dev_up_stderr, 15)
-        )
+        let lines = if self.info.nodes.len() > 1 { 20 } else { 30 };
+        let mut s = String::new();
+        for n in &self.info.nodes {
+            let _ = writeln!(
+                s,
+                "--- node {} {} (tail) ---\n{}",
+                n.id,
+                n.log.display(),
+                tail(&n.log, lines)
+            );
+        }
+        let _ = write!(s, "--- dev up stderr (tail) ---\n{}", tail(&self.dev_up_stderr, 15));
+        s
     }
 
-    /// Sends `sig` to the current node process.
+    /// Sends `sig` to node 1's current process.
     pub fn signal_node(&self, sig: Signal) -> Result<()> {
-        signal_pid(self.node_pid, sig)
+        signal_pid(self.node_pid(), sig)
     }
 
-    /// SIGKILLs the node and waits (bounded) until it is gone.
+    /// Sends `sig` to node `id`'s current process.
+    pub fn signal_node_id(&self, id: u64, sig: Signal) -> Result<()> {
+        signal_pid(self.pid_of(id)?, sig)
+    }
+
+    /// SIGKILLs node 1 and waits (bounded) until it is gone.
     pub fn kill_node(&mut self) -> Result<()> {
-        let pid = self.node_pid;
-        if let Some(g) = self.restarted.iter_mut().find(|g| g.pid() == pid) {
+        let id = self.node().id;
+        self.kill_node_id(id)
+    }
+
+    /// SIGKILLs node `id` and waits (bounded) until it is gone.
+    pub fn kill_node_id(&mut self, id: u64) -> Result<()> {
+        let pid = self.pid_of(id)?;
+        if let Some((_, g)) = self.restarted.iter_mut().find(|(_, g)| g.pid() == pid) {
             g.kill();
             return Ok(());
         }
-        self.signal_node(Signal::SIGKILL)?;
-        wait_until(Duration::from_secs(10), "the killed node to disappear", || {
-            Ok(!pid_alive(pid))
-        })
+        signal_pid(pid, Signal::SIGKILL)?;
+        // dev up reaps its children within ~200 ms; until then it is a zombie.
+        wait_until(
+            Duration::from_secs(10),
+            &format!("killed node {id} to disappear"),
+            || Ok(!pid_alive(pid)),
+        )
     }
 
-    /// Restarts node 1 from its `argv` as a test-owned child and waits until
-    /// its NBD port completes a handshake for the volume.
+    /// Restarts node 1 from its `argv` (see `restart_node_id`).
     pub fn restart_node(&mut self) -> Result<()> {
-        let node = self.node().clone();
+        let id = self.node().id;
+        self.restart_node_id(id)
+    }
+
+    /// Restarts node `id` from its `argv` as a test-owned child and waits
+    /// until its NBD port completes a handshake for the volume.
+    pub fn restart_node_id(&mut self, id: u64) -> Result<()> {
+        let idx = self.index_of(id)?;
+        let node = self.info.nodes[idx].clone();
         let (prog, args) = node.argv.split_first().ok_or_else(|| anyhow!("empty argv"))?;
         let n = self.restarted.len() + 1;
-        let out = File::create(self.root.join(format!("restart-{n}.stdout")))?;
-        let err_path = self.root.join(format!("restart-{n}.stderr"));
+        let out = File::create(self.root.join(format!("restart-{n}-node-{id}.stdout")))?;
+        let err_path = self.root.join(format!("restart-{n}-node-{id}.stderr"));
         let err = File::create(&err_path)?;
         let mut cmd = Command::new(prog);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-        let guard = ChildGuard::spawn(&mut cmd, "restarted triremed")?;
-        self.node_pid = guard.pid();
-        self.restarted.push(guard);
+        let guard = ChildGuard::spawn(&mut cmd, &format!("restarted triremed node {id}"))?;
+        self.pids[idx] = guard.pid();
+        self.restarted.push((id, guard));
         let volume = self.info.volume.clone();
-        let idx = self.restarted.len() - 1;
-        let res = wait_until(Duration::from_secs(30), "the restarted node to serve NBD", || {
-            if let Some(st) = self.restarted[idx].try_wait()? {
-                bail!("restarted triremed exited with {st}");
-            }
-            Ok(nbd::open(&node.nbd, &volume).is_ok())
-        });
+        let g = self.restarted.len() - 1;
+        let res = wait_until(
+            Duration::from_secs(30),
+            &format!("restarted node {id} to serve NBD"),
+            || {
+                if let Some(st) = self.restarted[g].1.try_wait()? {
+                    bail!("restarted triremed (node {id}) exited with {st}");
+                }
+                Ok(nbd::open(&node.nbd, &volume).is_ok())
+            },
+        );
         res.with_context(|| format!("{}\n--- restart stderr ---\n{}", self.diag(), tail(&err_path, 20)))
     }
 
-    /// The restarted node's guard (to SIGTERM it and read its exit status).
+    /// The most recently restarted node's guard (to SIGTERM it and read its
+    /// exit status).
     pub fn restarted_node(&mut self) -> Option<&mut ChildGuard> {
-        self.restarted.last_mut()
+        self.restarted.last_mut().map(|(_, g)| g)
+    }
+
+    /// The guard of node `id` if the test restarted it (latest restart).
+    pub fn restarted_node_id(&mut self, id: u64) -> Option<&mut ChildGuard> {
+        self.restarted.iter_mut().rev().find(|(i, _)| *i == id).map(|(_, g)| g)
     }
 
     /// SIGTERMs `dev up` and waits for its exit status.
@@ -761,23 +937,38 @@ impl Cluster {
         g.wait_exit(timeout)
     }
 
-    /// Runs `trireme --admin ADDR ARGS...` with a timeout.
+    /// Runs `trireme --admin ADDR ARGS...` against node 1 with a timeout.
     pub fn cli<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
-        let mut cmd = Command::new(trireme_bin()?);
-        cmd.arg("--admin").arg(self.admin()).args(args);
-        run_with_timeout(&mut cmd, CMD_TIMEOUT)
+        self.cli_at(self.admin(), args, CMD_TIMEOUT)
     }
 
-    /// Runs `trireme --admin ADDR --output json ARGS...`, requires success and
-    /// parses stdout as JSON.
-    pub fn cli_json<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<serde_json::Value> {
+    /// Runs `trireme --admin ADDR ARGS...` against node `id` with a timeout.
+    pub fn cli_on<S: AsRef<OsStr>>(&self, id: u64, args: &[S]) -> Result<Output> {
+        self.cli_at(self.admin_of(id)?, args, CMD_TIMEOUT)
+    }
+
+    fn cli_at<S: AsRef<OsStr>>(&self, admin: &str, args: &[S], timeout: Duration) -> Result<Output> {
         let mut cmd = Command::new(trireme_bin()?);
-        cmd.arg("--admin")
-            .arg(self.admin())
-            .args(["--output", "json"])
-            .args(args);
+        cmd.arg("--admin").arg(admin).args(args);
+        run_with_timeout(&mut cmd, timeout)
+    }
+
+    /// Runs `trireme --admin ADDR --output json ARGS...` against node 1,
+    /// requires success and parses stdout as JSON.
+    pub fn cli_json<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<serde_json::Value> {
+        self.cli_json_at(self.admin(), args, CMD_TIMEOUT)
+    }
+
+    /// Like `cli_json`, against node `id`.
+    pub fn cli_json_on<S: AsRef<OsStr>>(&self, id: u64, args: &[S]) -> Result<serde_json::Value> {
+        self.cli_json_at(self.admin_of(id)?, args, CMD_TIMEOUT)
+    }
+
+    fn cli_json_at<S: AsRef<OsStr>>(&self, admin: &str, args: &[S], timeout: Duration) -> Result<serde_json::Value> {
+        let mut cmd = Command::new(trireme_bin()?);
+        cmd.arg("--admin").arg(admin).args(["--output", "json"]).args(args);
         let desc = format!("{cmd:?}");
-        let out = run_with_timeout(&mut cmd, CMD_TIMEOUT)?;
+        let out = run_with_timeout(&mut cmd, timeout)?;
         ensure!(
             out.status.success(),
             "{desc} failed\n{}\n{}",
@@ -787,14 +978,76 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).with_context(|| format!("{desc}: stdout is not JSON\n{}", describe(&out)))
     }
 
-    /// Asserts the node is alive and a fresh qemu-io client can write and
+    /// `volume info` of the cluster's volume, asked of node `id`.
+    pub fn volume_info_on(&self, id: u64) -> Result<VolumeInfo> {
+        let mut cmd = Command::new(trireme_bin()?);
+        cmd.arg("--admin")
+            .arg(self.admin_of(id)?)
+            .args(["--output", "json", "volume", "info"])
+            .arg(self.volume());
+        let desc = format!("{cmd:?}");
+        let out = run_with_timeout(&mut cmd, VOLUME_INFO_TIMEOUT)?;
+        ensure!(out.status.success(), "{desc} failed\n{}", describe(&out));
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("{desc}: stdout is not volume info JSON\n{}", describe(&out)))
+    }
+
+    /// `volume info` asked of the first node (in id order) that is running
+    /// (not killed, not stopped) and answers.
+    pub fn volume_info(&self) -> Result<VolumeInfo> {
+        let mut errors = Vec::new();
+        for id in self.node_ids() {
+            if !self.is_running(id) {
+                continue;
+            }
+            match self.volume_info_on(id) {
+                Ok(info) => return Ok(info),
+                Err(e) => errors.push(format!("node {id}: {e:#}")),
+            }
+        }
+        bail!("no running node answered volume info: {}", errors.join("; "))
+    }
+
+    /// Polls `volume_info` every 100 ms until `cond` holds and returns that
+    /// info. A failing `volume info` only counts as "not yet" (it is normal
+    /// during an election); the timeout error carries the last answer or
+    /// error and the node logs.
+    pub fn wait_volume<F>(&self, timeout: Duration, what: &str, mut cond: F) -> Result<VolumeInfo>
+    where
+        F: FnMut(&VolumeInfo) -> bool,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.volume_info() {
+                Ok(info) if cond(&info) => return Ok(info),
+                Ok(info) => info.summary(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; last volume info: {last}\n{}",
+                    self.diag()
+                );
+            }
+            thread::sleep(VOLUME_POLL_INTERVAL);
+        }
+    }
+
+    /// Waits until the volume has a leader and returns its node id.
+    pub fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        Ok(self
+            .wait_volume(timeout, "the volume to have a leader", |v| v.leader != 0)?
+            .leader)
+    }
+
+    /// Asserts node 1 is alive and a fresh qemu-io client can write and
     /// read back a pattern (in a scratch area at 768 MiB).
     pub fn assert_healthy(&self) -> Result<()> {
         static ROUND: AtomicU64 = AtomicU64::new(1);
         ensure!(
             self.node_alive(),
             "triremed (pid {}) is not alive\n{}",
-            self.node_pid,
+            self.node_pid(),
             self.diag()
         );
         let round = ROUND.fetch_add(1, Ordering::Relaxed);
@@ -822,8 +1075,14 @@ impl Drop for Cluster {
                 self.diag()
             );
         }
-        for g in &mut self.restarted {
+        for (_, g) in &mut self.restarted {
             g.kill();
+        }
+        // A SIGSTOPped node cannot act on dev up's SIGTERM; let it run first.
+        for &pid in &self.pids {
+            if pid > 0 && pid_alive(pid) && pid_is_triremed(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            }
         }
         if let Some(mut g) = self.dev_up.take() {
             // Prefer a clean stop so dev up reaps its nodes (no zombies are
@@ -836,7 +1095,7 @@ impl Drop for Cluster {
         // Nodes may live in their own process group; kill them explicitly
         // (only if the pid still is a triremed, in case it was reused).
         let mut pids: Vec<i32> = self.info.nodes.iter().map(|n| n.pid).collect();
-        pids.push(self.node_pid);
+        pids.extend(&self.pids);
         for pid in pids {
             if pid > 0 && pid_alive(pid) && pid_is_triremed(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -881,6 +1140,55 @@ pub fn qemu_io_ok<S: AsRef<str>>(uri: &str, cmds: &[S]) -> Result<String> {
         describe(&out)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// SHA-256 (hex) of a whole export, read with `nbdcopy URI -` piped into
+/// `sha256sum` (bounded by `timeout`; any failure in the pipe is an error).
+pub fn nbd_sha256(uri: &str, timeout: Duration) -> Result<String> {
+    let out = run_with_timeout(
+        Command::new("bash")
+            .arg("-c")
+            .arg("set -o pipefail; nbdcopy -- \"$1\" - | sha256sum")
+            .arg("nbd_sha256")
+            .arg(uri),
+        timeout,
+    )?;
+    ensure!(
+        out.status.success(),
+        "nbdcopy {uri} - | sha256sum failed\n{}",
+        describe(&out)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = text.split_whitespace().next().unwrap_or_default().to_string();
+    ensure!(
+        sum.len() == 64 && sum.chars().all(|c| c.is_ascii_hexdigit()),
+        "unexpected sha256sum output {text:?}"
+    );
+    Ok(sum)
+}
+
+/// Serializes tests that share `name` across threads AND processes
+/// (cargo test runs tests on threads, nextest in processes): an flock on a
+/// file in the temp dir, held until the guard is dropped. Waits at most
+/// `timeout` for the lock.
+pub fn serial_lock(name: &str, timeout: Duration) -> Result<Flock<File>> {
+    let dir = std::env::temp_dir().join("trireme-tests-serial");
+    fs::create_dir_all(&dir).context("creating the serial lock dir")?;
+    let path = dir.join(format!("{name}.lock"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            Err((_, e)) => bail!("could not lock {} within {timeout:?}: {e}", path.display()),
+        }
+    }
 }
 
 /// Raw NBD protocol over `TcpStream`: constants and a minimal client used by
@@ -1319,5 +1627,28 @@ pub mod nbd {
         c.structured_reply()?;
         let info = c.go(export)?.map_err(|r| anyhow!("GO {export} refused: {r:?}"))?;
         Ok((c, info))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `PortLease` claim: no two base ports share any admin, metrics,
+    /// peer or NBD port of nodes 1..=9, so one flock per base is an exact
+    /// reservation.
+    #[test]
+    fn port_ranges_of_different_bases_never_overlap() {
+        let mut seen = HashSet::new();
+        for slot in 0..PORT_SLOTS {
+            let base = slot_base(slot);
+            for i in 1..=9u16 {
+                for port in [base + i, base + 200 + i, base + 300 + i, base + 3700 + i] {
+                    assert!(seen.insert(port), "port {port} of base {base} is used twice");
+                }
+            }
+        }
+        assert_eq!(seen.len(), PORT_SLOTS as usize * 36);
+        assert!(seen.iter().all(|&p| (20000..32768).contains(&p)));
     }
 }

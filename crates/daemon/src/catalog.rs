@@ -567,8 +567,13 @@ impl Catalog {
             }
         };
         let local = match store {
-            // The open file moved with its directory; only the path changed.
-            Some(store) => Some(self.start_replica(&meta, &final_dir, store, StartMode::Create)?),
+            Some(staged) => {
+                // Reopen under the final path: the staged handle still names
+                // the hidden directory it was created in.
+                drop(staged);
+                let store = UringStore::open(&self.engine, &final_dir.join(IMAGE_FILE), meta.size_bytes)?;
+                Some(self.start_replica(&meta, &final_dir, store, StartMode::Create)?)
+            }
             None => None,
         };
         let v = Volume::new(meta.clone(), local, self.node_id, self.transport.clone());

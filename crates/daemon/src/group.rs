@@ -307,6 +307,10 @@ impl Driver {
         match ev {
             GroupEvent::Raft(m) => {
                 let mut m = m;
+                if self.installing.is_some() && m.get_msg_type() == MessageType::MsgTimeoutNow {
+                    // Same reason as in on_tick: no campaign mid-install.
+                    return;
+                }
                 if self.recovering {
                     match m.get_msg_type() {
                         MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => return,
@@ -409,7 +413,11 @@ impl Driver {
     }
 
     fn on_tick(&mut self) {
-        self.replica.tick();
+        // No elections while a snapshot is being installed: raft would look
+        // for entries below the snapshot that are already gone.
+        if self.installing.is_none() {
+            self.replica.tick();
+        }
         let now = Instant::now();
         let expired: Vec<u64> = self
             .reads
@@ -780,7 +788,7 @@ async fn copy_from_leader(
     if leader == 0 {
         return Err("no leader known to copy from".into());
     }
-    let size = std::fs::metadata(store.path()).map_err(|e| e.to_string())?.len();
+    let size = store.len_bytes().map_err(|e| e.to_string())?;
     let request = |op: u32, offset: u64, length: u64| ForwardRequest {
         volume: volume.to_string(),
         epoch: index,

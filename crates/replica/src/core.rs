@@ -45,7 +45,7 @@ impl ReplicaConfig {
             max_election_tick: 20,
             heartbeat_tick: 2,
             max_cache_bytes: 256 * 1024 * 1024,
-            max_inflight_msgs: 256,
+            max_inflight_msgs: 32,
         }
     }
 }
@@ -182,7 +182,10 @@ fn raft_config(c: &ReplicaConfig, applied: u64) -> raft::Config {
         max_election_tick: c.max_election_tick,
         heartbeat_tick: c.heartbeat_tick,
         applied,
-        max_size_per_msg: 4 * 1024 * 1024,
+        // 1 MiB appends, at most max_inflight_msgs in flight per follower:
+        // a catching-up follower gets a steady stream, not a flood that
+        // crowds out heartbeats on the same connection.
+        max_size_per_msg: 1024 * 1024,
         max_inflight_msgs: c.max_inflight_msgs,
         check_quorum: true,
         pre_vote: true,

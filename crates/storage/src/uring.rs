@@ -555,6 +555,18 @@ impl UringStore {
         &self.path
     }
 
+    /// The image's length: the volume size (read from the open file, so it
+    /// is right even if the file was renamed).
+    pub fn len_bytes(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|source| StorageError::File {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Bytes the image occupies on disk (it is sparse).
     pub fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
