@@ -714,7 +714,27 @@ fn follower_rebuilt_by_snapshot_after_log_loss() -> Result<()> {
     let sum_before = nbd_sha256(&leader_uri, SHA_TIMEOUT)?;
     eprintln!("[{NAME}] sha256 through leader node {leader}: {sum_before}");
 
-    // Restart it and time the rebuild.
+    // Restart it and time the rebuild, while a writer keeps writing
+    // through the leader (distinct blocks in the second half of the volume,
+    // beyond the patterns above, so every acknowledged block can be checked).
+    let dir = cluster.scratch().to_path_buf();
+    let record = dir.join("acked-during-rebuild.txt");
+    let stop = dir.join("stop-writing");
+    let writer_err = dir.join("ack_writer.stderr");
+    let seed = seed()?;
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(scripts_dir().join("ack_writer.py"))
+        .arg("--stop-file")
+        .arg(&stop)
+        .arg(&leader_uri)
+        .arg(&record)
+        .arg(seed.to_string())
+        .arg("8")
+        .arg((VOLUME_BYTES / BLOCK).to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&writer_err)?);
+    let mut writer = ChildGuard::spawn(&mut cmd, "ack_writer.py")?;
     let restart_at = Instant::now();
     cluster.restart_node_id(lost)?;
     let mut states = StateLog::new(lost, restart_at);
@@ -730,8 +750,8 @@ fn follower_rebuilt_by_snapshot_after_log_loss() -> Result<()> {
     let allocated = cluster.volume_info_on(lost).map(|v| v.allocated_bytes).unwrap_or(0);
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     eprintln!(
-        "snapshot rebuild: {:.0} ms for a {:.0} MiB volume ({:.1} MiB/s; {:.1} MiB allocated on node {lost}: {:.1} MiB/s); \
-         replica states seen: {}; {}",
+        "snapshot rebuild: {:.0} ms for a {:.0} MiB volume ({:.1} MiB/s; {:.1} MiB allocated on node {lost}: {:.1} MiB/s) \
+         while a writer kept writing; replica states seen: {}; {}",
         rebuild_s * 1000.0,
         mib(VOLUME_BYTES),
         mib(VOLUME_BYTES) / rebuild_s,
@@ -741,17 +761,58 @@ fn follower_rebuilt_by_snapshot_after_log_loss() -> Result<()> {
         rebuilt.summary()
     );
     warn_if_leader_changed(NAME, &info, &rebuilt);
-
-    // Reads now need the rebuilt node: kill the other follower, so the
-    // majority is the leader plus the rebuilt node, and read everything
-    // through the rebuilt node (it serves reads from its own replica).
-    cluster.kill_node_id(other)?;
-    let sum_after = nbd_sha256(&cluster.nbd_uri_of(lost)?, SHA_TIMEOUT).with_context(|| cluster.diag())?;
-    eprintln!("[{NAME}] sha256 through rebuilt node {lost} (node {other} killed): {sum_after}");
+    fs::write(&stop, b"stop")?;
+    let st = writer
+        .wait_exit(Duration::from_secs(60))
+        .context("the writer did not stop")?;
     ensure!(
-        sum_after == sum_before,
-        "the rebuilt node serves different data: {sum_after} vs {sum_before} before\n{}",
-        cluster.diag()
+        st.success(),
+        "ack_writer failed ({st}) during the rebuild: {}",
+        tail(&writer_err, 20)
     );
+    let acked = count_lines(&record);
+    ensure!(acked > 0, "no write was acknowledged during the rebuild");
+    // The writer's blocks overwrite part of the patterns, so take the
+    // reference checksum after it stopped.
+    let reference = nbd_sha256(&leader_uri, SHA_TIMEOUT)?;
+    eprintln!(
+        "[{NAME}] {acked} writes acknowledged during the rebuild; sha256 through leader node {leader}: {reference}"
+    );
+
+    // Then the other two nodes are killed one at a time (the previous one
+    // restarted and caught up first), so each time the data must come
+    // through the rebuilt node, which serves reads from its own replica.
+    let verify_through_rebuilt = |cluster: &Cluster, killed: u64| -> Result<()> {
+        let uri = cluster.nbd_uri_of(lost)?;
+        let sum = nbd_sha256(&uri, SHA_TIMEOUT).with_context(|| cluster.diag())?;
+        eprintln!("[{NAME}] sha256 through rebuilt node {lost} (node {killed} killed): {sum}");
+        ensure!(
+            sum == reference,
+            "the rebuilt node serves different data with node {killed} down: {sum} vs {reference}\n{}",
+            cluster.diag()
+        );
+        let out = run_with_timeout(
+            Command::new(PYTHON)
+                .arg(scripts_dir().join("verify_blocks.py"))
+                .arg(&uri)
+                .arg(&record)
+                .arg(seed.to_string()),
+            Duration::from_secs(180),
+        )?;
+        ensure!(
+            out.status.success(),
+            "acknowledged writes missing through the rebuilt node with node {killed} down\n{}",
+            describe(&out)
+        );
+        Ok(())
+    };
+    cluster.kill_node_id(other)?;
+    verify_through_rebuilt(&cluster, other)?;
+    cluster.restart_node_id(other)?;
+    cluster.wait_volume(REBUILD_DEADLINE, &format!("node {other} to catch up again"), |v| {
+        v.caught_up(other)
+    })?;
+    cluster.kill_node_id(leader)?;
+    verify_through_rebuilt(&cluster, leader)?;
     Ok(())
 }
