@@ -55,6 +55,33 @@ pub struct AppliedState {
     pub attached_node: u64,
 }
 
+/// Marks the stand-in entry a snapshot install leaves at the start of the
+/// durable log, with the epoch and attached node as of that point.
+const SNAPSHOT_POINT_MAGIC: &[u8; 8] = b"TRISNAP1";
+
+pub fn snapshot_point_data(epoch: u64, attached_node: u64) -> Vec<u8> {
+    let mut v = SNAPSHOT_POINT_MAGIC.to_vec();
+    v.extend_from_slice(&epoch.to_le_bytes());
+    v.extend_from_slice(&attached_node.to_le_bytes());
+    let crc = crc32c::crc32c(&v);
+    v.extend_from_slice(&crc.to_le_bytes());
+    v
+}
+
+/// (epoch, attached node) if `data` is a snapshot point marker.
+fn parse_snapshot_point(data: &[u8]) -> Option<(u64, u64)> {
+    if data.len() != 28 || &data[..8] != SNAPSHOT_POINT_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(data[24..28].try_into().ok()?);
+    if crc32c::crc32c(&data[..24]) != crc {
+        return None;
+    }
+    let epoch = u64::from_le_bytes(data[8..16].try_into().ok()?);
+    let attached = u64::from_le_bytes(data[16..24].try_into().ok()?);
+    Some((epoch, attached))
+}
+
 pub fn write_applied_state(path: &Path, s: &AppliedState) -> std::result::Result<(), trireme_storage::StorageError> {
     let body = serde_json::to_vec(s).unwrap_or_default();
     statefile::write_atomic(path, STATE_MAGIC, STATE_VERSION, &body)
@@ -321,7 +348,16 @@ impl Catalog {
         })?;
         let applied = read_applied_state(&dir.join(STATE_FILE))?;
         let image_missing = !image.exists();
-        let log_missing = stored.is_none() && applied.destaged_index > 0;
+        let last_logged = stored
+            .as_ref()
+            .and_then(|g| g.entries.last())
+            .map(|e| e.index)
+            .unwrap_or(0);
+        // volume.state ahead of the log: the image holds more than the log
+        // can account for (a crash between them); only the peers can say
+        // what the state at that point was.
+        let log_missing = (stored.is_none() && applied.destaged_index > 0)
+            || (stored.is_some() && applied.destaged_index > last_logged);
         if !image_missing && !log_missing {
             let store = UringStore::open(&self.engine, &image, meta.size_bytes)?;
             return self.start_replica(meta, dir, store, StartMode::Restart);
@@ -367,7 +403,25 @@ impl Catalog {
         };
         let mut replica = match stored {
             None => Replica::new(&config, &meta.replicas).map_err(raft_err)?,
-            Some(g) => {
+            Some(mut g) => {
+                let mut applied = applied;
+                // A snapshot install's stand-in entry is authoritative for its
+                // point when volume.state had not caught up with it yet.
+                if let Some(first) = g.entries.first()
+                    && first.index > applied.destaged_index
+                    && let Some((epoch, attached_node)) = parse_snapshot_point(&first.data)
+                {
+                    applied = AppliedState {
+                        destaged_index: first.index,
+                        epoch,
+                        attached_node,
+                    };
+                }
+                // Destaged entries were committed, even if the hard state
+                // that says so did not reach the disk before a crash.
+                if g.entries.last().is_some_and(|e| e.index >= applied.destaged_index) {
+                    g.hard_state.commit = g.hard_state.commit.max(applied.destaged_index);
+                }
                 let cs = if g.conf_state.voters.is_empty() {
                     ConfState::from((meta.replicas.clone(), vec![]))
                 } else {

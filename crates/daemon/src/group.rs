@@ -185,12 +185,18 @@ struct Install {
     term: u64,
     persist: Option<trireme_replica::PersistTask>,
     conf_state: Option<trireme_replica::raft::eraftpb::ConfState>,
+    /// The copy waits for a destage in flight: its old extents must not
+    /// land over copied blocks.
+    copy_started: bool,
 }
 
 /// Chunk of a snapshot copy: big enough to stream, small enough to bound memory.
 const COPY_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
 struct Driver {
+    /// The install's log write (its Ready number) and the state to record
+    /// once it is durable; no campaign before then.
+    install_persist: Option<(u64, crate::catalog::AppliedState)>,
     /// Reads waiting for the next ReadIndex round, and the rounds asked:
     /// one round confirms every read that arrived before it was asked.
     unindexed: Vec<u64>,
@@ -252,6 +258,7 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         tx: tx.clone(),
         status: status.clone(),
         installing: None,
+        install_persist: None,
         unindexed: Vec::new(),
         read_batches: HashMap::new(),
         recovering: setup.recovering,
@@ -307,7 +314,9 @@ impl Driver {
         match ev {
             GroupEvent::Raft(m) => {
                 let mut m = m;
-                if self.installing.is_some() && m.get_msg_type() == MessageType::MsgTimeoutNow {
+                if (self.installing.is_some() || self.install_persist.is_some())
+                    && m.get_msg_type() == MessageType::MsgTimeoutNow
+                {
                     // Same reason as in on_tick: no campaign mid-install.
                     return;
                 }
@@ -376,7 +385,7 @@ impl Driver {
                     self.replica.transfer_leader(to);
                 }
             }
-            GroupEvent::Persisted(number) => self.replica.on_persisted(number),
+            GroupEvent::Persisted(number) => self.on_persisted(number),
             GroupEvent::Destaged { index, result } => self.on_destaged(index, result),
             GroupEvent::Unreachable(peer) => self.replica.report_unreachable(peer),
             GroupEvent::Stop => {}
@@ -415,7 +424,7 @@ impl Driver {
     fn on_tick(&mut self) {
         // No elections while a snapshot is being installed: raft would look
         // for entries below the snapshot that are already gone.
-        if self.installing.is_none() {
+        if self.installing.is_none() && self.install_persist.is_none() {
             self.replica.tick();
         }
         let now = Instant::now();
@@ -491,8 +500,11 @@ impl Driver {
                 term,
                 persist: persist.take(),
                 conf_state: out.conf_state.clone(),
+                copy_started: false,
             });
-            self.start_copy(index);
+            if !self.destaging {
+                self.start_copy(index);
+            }
         }
         if let Some(task) = persist {
             let write = GroupWrite {
@@ -576,7 +588,7 @@ impl Driver {
     }
 
     fn start_destage(&mut self) {
-        if self.destaging {
+        if self.destaging || self.installing.is_some() || self.install_persist.is_some() {
             return;
         }
         let index = self.replica.applied_index();
@@ -628,16 +640,18 @@ impl Driver {
     /// `index` are replayed over the copy afterwards, and each is a full
     /// overwrite of its range, so the result is exact.
     fn start_copy(&mut self, index: u64) {
+        if let Some(i) = self.installing.as_mut() {
+            i.copy_started = true;
+        }
         let transport = self.transport.clone();
         let store = self.store.clone();
         let tx = self.tx.clone();
         let volume = self.volume.clone();
         let leader = self.replica.leader_id();
-        let state_path = self.state_path.clone();
         let group = self.group_id;
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = copy_from_leader(&transport, leader, &volume, index, &store, &state_path).await;
+            let result = copy_from_leader(&transport, leader, &volume, index, &store).await;
             match &result {
                 Ok(_) => {
                     info!(group, volume = %volume, index, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot copied")
@@ -674,9 +688,13 @@ impl Driver {
             // The durable log restarts at the snapshot point: one stand-in
             // entry carrying its index and term (see Replica::restart),
             // replacing everything this replica had.
+            // The stand-in entry carries the epoch and attached node as of
+            // the point, so they are durable in the same write as the log
+            // (volume.state follows once it is: see on_persisted_install).
             let point = trireme_replica::raft::eraftpb::Entry {
                 index: install.index,
                 term: install.term,
+                data: crate::catalog::snapshot_point_data(epoch, attached).into(),
                 ..Default::default()
             };
             let mut entries = vec![point];
@@ -689,6 +707,14 @@ impl Driver {
                 destaged_index: Some(index),
                 compact_to: Some(install.index),
             };
+            self.install_persist = Some((
+                task.number,
+                crate::catalog::AppliedState {
+                    destaged_index: index,
+                    epoch,
+                    attached_node: attached,
+                },
+            ));
             self.log.submit(LogJob {
                 write,
                 number: Some(task.number),
@@ -698,8 +724,37 @@ impl Driver {
         }
     }
 
+    /// The install's log write is durable: raft may go on, and volume.state
+    /// may now say the image holds the snapshot point.
+    fn on_persisted(&mut self, number: u64) {
+        self.replica.on_persisted(number);
+        if let Some((n, state)) = self.install_persist
+            && number >= n
+        {
+            self.install_persist = None;
+            let path = self.state_path.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::catalog::write_applied_state(&path, &state) {
+                    // The log's snapshot point still records it; a restart
+                    // reads it from there.
+                    warn!("writing volume.state after a snapshot install: {e}");
+                }
+            });
+        }
+    }
+
     fn on_destaged(&mut self, index: u64, result: Result<(), String>) {
         self.destaging = false;
+        if let Some(install) = &self.installing {
+            // The snapshot replaces what this destage was about: no
+            // compaction (the log is about to restart at the snapshot point),
+            // and the held-back copy may start now.
+            if !install.copy_started {
+                let at = install.index;
+                self.start_copy(at);
+            }
+            return;
+        }
         if let Err(e) = result {
             // The image is not trustworthy any more; the log still holds
             // every entry, so stop destaging and keep serving from the log.
@@ -773,15 +828,13 @@ impl Driver {
 }
 
 /// Copies the whole volume from `leader` as of at least `index` into the
-/// local image, records the state machine point, and returns the epoch and
-/// attached node as of `index`.
+/// local image and returns the epoch and attached node as of `index`.
 async fn copy_from_leader(
     transport: &Transport,
     leader: u64,
     volume: &str,
     index: u64,
     store: &UringStore,
-    state_path: &std::path::Path,
 ) -> Result<(u64, u64), String> {
     use crate::volume::{fwd_code, fwd_op};
     use trireme_transport::ForwardRequest;
@@ -855,15 +908,5 @@ async fn copy_from_leader(
     let v: serde_json::Value = serde_json::from_slice(&reply.data).map_err(|e| e.to_string())?;
     let epoch = v.get("epoch").and_then(|x| x.as_u64()).unwrap_or(0);
     let attached = v.get("attached").and_then(|x| x.as_u64()).unwrap_or(0);
-    let state = crate::catalog::AppliedState {
-        destaged_index: index,
-        epoch,
-        attached_node: attached,
-    };
-    let path = state_path.to_path_buf();
-    tokio::task::spawn_blocking(move || crate::catalog::write_applied_state(&path, &state))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
     Ok((epoch, attached))
 }
