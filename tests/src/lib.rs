@@ -1630,6 +1630,67 @@ pub mod nbd {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Acknowledged-write records (scripts/ack_writer.py) shared by the fault tests
+// ---------------------------------------------------------------------------
+
+/// A seed for one run's block patterns (scripts/blockpattern.py).
+pub fn seed() -> Result<u64> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        % 1_000_000_007)
+}
+
+/// Lines in a record file (one acknowledged write each).
+pub fn count_lines(path: &Path) -> usize {
+    fs::read(path)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// Runs scripts/verify_blocks.py against `uri` and requires that every one
+/// of the `expected` recorded blocks reads back with its pattern.
+pub fn verify_acked(cluster: &Cluster, uri: &str, record: &Path, seed: u64, expected: usize) -> Result<()> {
+    let started = Instant::now();
+    let out = run_with_timeout(
+        Command::new(PYTHON)
+            .arg(scripts_dir().join("verify_blocks.py"))
+            .arg(uri)
+            .arg(record)
+            .arg(seed.to_string()),
+        Duration::from_secs(120),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "verify_blocks.py {uri}: output is not JSON\n{}\n{}",
+            describe(&out),
+            cluster.diag()
+        )
+    })?;
+    ensure!(
+        report["mismatches"] == 0 && report["duplicates"] == 0,
+        "acknowledged writes do not read back through {uri}: {report}\n{}",
+        cluster.diag()
+    );
+    ensure!(
+        report["verified"] == expected as u64,
+        "verified {} of {expected} acknowledged blocks through {uri}: {report}",
+        report["verified"]
+    );
+    ensure!(
+        out.status.success(),
+        "verify_blocks.py {uri} failed\n{}",
+        describe(&out)
+    );
+    eprintln!(
+        "verified {expected} acknowledged blocks through {uri} in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,21 +4,17 @@
 //! restarted from its argv, and scripts/verify_blocks.py must read back every
 //! recorded block with its exact pattern (zero mismatches).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use trireme_tests::{ChildGuard, Cluster, PYTHON, describe, run_with_timeout, scripts_dir, tail, wait_until};
+use trireme_tests::{
+    ChildGuard, Cluster, PYTHON, count_lines, describe, run_with_timeout, scripts_dir, tail, wait_until,
+};
 
 const MIN_ACKED: usize = 2000;
-
-fn count_lines(path: &std::path::Path) -> usize {
-    fs::read(path)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
-}
 
 #[test]
 fn acknowledged_writes_survive_sigkill() -> Result<()> {

@@ -25,13 +25,13 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 use trireme_tests::{
-    ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, describe, nbd, nbd_sha256, pattern, qemu_io_ok, run_with_timeout,
-    scripts_dir, serial_lock, tail, wait_until,
+    ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, nbd, nbd_sha256, pattern, qemu_io_ok,
+    run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked, wait_until,
 };
 
 /// Every test here takes this lock first (see the module comment).
@@ -47,19 +47,8 @@ const SETTLE: Duration = Duration::from_secs(20);
 const MAX_FAILOVER_PAUSE: Duration = Duration::from_secs(3);
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
 const REBUILD_DEADLINE: Duration = Duration::from_secs(120);
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(180);
 const SHA_TIMEOUT: Duration = Duration::from_secs(120);
 const FIO_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn seed() -> Result<u64> {
-    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64 % 1_000_000_007)
-}
-
-fn count_lines(path: &Path) -> usize {
-    fs::read(path)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
-}
 
 /// Starts a 3-node cluster with a 64 MiB vol0 and waits until every replica
 /// is healthy with no lag; returns the cluster and that volume info.
@@ -81,48 +70,6 @@ fn three_nodes(name: &str) -> Result<(Cluster, VolumeInfo)> {
 /// The ids of the nodes other than `leader`, in id order.
 fn followers(cluster: &Cluster, leader: u64) -> Vec<u64> {
     cluster.node_ids().into_iter().filter(|&i| i != leader).collect()
-}
-
-/// Runs scripts/verify_blocks.py against `uri` and requires that every one
-/// of the `expected` recorded blocks reads back with its pattern.
-fn verify_acked(cluster: &Cluster, uri: &str, record: &Path, seed: u64, expected: usize) -> Result<()> {
-    let started = Instant::now();
-    let out = run_with_timeout(
-        Command::new(PYTHON)
-            .arg(scripts_dir().join("verify_blocks.py"))
-            .arg(uri)
-            .arg(record)
-            .arg(seed.to_string()),
-        VERIFY_TIMEOUT,
-    )?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "verify_blocks.py {uri}: output is not JSON\n{}\n{}",
-            describe(&out),
-            cluster.diag()
-        )
-    })?;
-    ensure!(
-        report["mismatches"] == 0 && report["duplicates"] == 0,
-        "acknowledged writes do not read back through {uri}: {report}\n{}",
-        cluster.diag()
-    );
-    ensure!(
-        report["verified"] == expected as u64,
-        "verified {} of {expected} acknowledged blocks through {uri}: {report}",
-        report["verified"]
-    );
-    ensure!(
-        out.status.success(),
-        "verify_blocks.py {uri} failed\n{}",
-        describe(&out)
-    );
-    eprintln!(
-        "verified {expected} acknowledged blocks through {uri} in {} ms",
-        started.elapsed().as_millis()
-    );
-    Ok(())
 }
 
 /// Parses an `ack_writer.py --timestamps` record: (block index, seconds).

@@ -16,18 +16,16 @@
 //! two clusters at once on a small CI machine would distort the pauses they
 //! measure.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::ErrorKind;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
 use trireme_tests::{
-    ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, describe, nbd, nbd_sha256, pattern, pid_alive, qemu_io_ok,
-    run_with_timeout, scripts_dir, serial_lock, signal_pid, tail, wait_until,
+    ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, nbd, nbd_sha256, pattern, pid_alive,
+    qemu_io_ok, run_with_timeout, scripts_dir, seed, serial_lock, signal_pid, tail, verify_acked, wait_until,
 };
 
 const SERIAL: &str = "replication";
@@ -38,20 +36,9 @@ const BLOCK: u64 = 4096;
 /// A fresh cluster has a leader when dev up is ready; all replicas are
 /// healthy a heartbeat later.
 const SETTLE: Duration = Duration::from_secs(30);
-const VERIFY_TIMEOUT: Duration = Duration::from_secs(120);
 const SHA_TIMEOUT: Duration = Duration::from_secs(60);
 /// dev up reaps a killed node within ~200 ms; until then it is a zombie.
 const GONE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn seed() -> Result<u64> {
-    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64 % 1_000_000_007)
-}
-
-fn count_lines(path: &Path) -> usize {
-    fs::read(path)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
-}
 
 /// Starts `nodes` nodes with a 64 MiB vol0 and waits until it has a leader
 /// and every replica is healthy with no lag.
@@ -95,48 +82,6 @@ fn sigkill_at_once(cluster: &Cluster, ids: &[u64]) -> Result<()> {
             || Ok(!pid_alive(pid)),
         )?;
     }
-    Ok(())
-}
-
-/// Runs scripts/verify_blocks.py against `uri`: every one of the `expected`
-/// recorded blocks must read back with its pattern.
-fn verify_acked(cluster: &Cluster, uri: &str, record: &Path, seed: u64, expected: usize) -> Result<()> {
-    let started = Instant::now();
-    let out = run_with_timeout(
-        Command::new(PYTHON)
-            .arg(scripts_dir().join("verify_blocks.py"))
-            .arg(uri)
-            .arg(record)
-            .arg(seed.to_string()),
-        VERIFY_TIMEOUT,
-    )?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "verify_blocks.py {uri}: output is not JSON\n{}\n{}",
-            describe(&out),
-            cluster.diag()
-        )
-    })?;
-    ensure!(
-        report["mismatches"] == 0 && report["duplicates"] == 0,
-        "acknowledged writes do not read back through {uri}: {report}\n{}",
-        cluster.diag()
-    );
-    ensure!(
-        report["verified"] == expected as u64,
-        "verified {} of {expected} acknowledged blocks through {uri}: {report}",
-        report["verified"]
-    );
-    ensure!(
-        out.status.success(),
-        "verify_blocks.py {uri} failed\n{}",
-        describe(&out)
-    );
-    eprintln!(
-        "verified {expected} acknowledged blocks through {uri} in {} ms",
-        started.elapsed().as_millis()
-    );
     Ok(())
 }
 

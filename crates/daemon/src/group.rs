@@ -305,6 +305,16 @@ impl Driver {
         info!(group = self.group_id, volume = %self.volume, "replica stopped");
     }
 
+    /// A log write that no Ready waits for (membership, destage point).
+    fn log_write(&self, write: GroupWrite) {
+        self.log.submit(LogJob {
+            write,
+            number: None,
+            messages_after: Vec::new(),
+            notify: self.tx.clone(),
+        });
+    }
+
     fn token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
@@ -526,12 +536,7 @@ impl Driver {
                 conf_state: Some(cs),
                 ..GroupWrite::default()
             };
-            self.log.submit(LogJob {
-                write,
-                number: None,
-                messages_after: Vec::new(),
-                notify: self.tx.clone(),
-            });
+            self.log_write(write);
         }
         for c in out.completions {
             if let Some(reply) = self.writes.remove(&c.token) {
@@ -783,12 +788,7 @@ impl Driver {
             compact_to: Some(compact_to.saturating_sub(1).max(1)),
             ..GroupWrite::default()
         };
-        self.log.submit(LogJob {
-            write,
-            number: None,
-            messages_after: Vec::new(),
-            notify: self.tx.clone(),
-        });
+        self.log_write(write);
         // Room again: retry parked writes in order.
         let parked: Vec<_> = self.parked.drain(..).collect();
         for (epoch, op, reply) in parked {

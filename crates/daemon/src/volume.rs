@@ -47,22 +47,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// Forwarded-request operation codes (ForwardRequest.op).
-pub mod fwd_op {
-    pub const READ: u32 = 0;
-    pub const WRITE: u32 = 1;
-    pub const ZERO: u32 = 2;
-    pub const TRIM: u32 = 3;
-    pub const FLUSH: u32 = 4;
-    /// Read the applied state without ReadIndex: snapshot copies only.
-    pub const READ_LOCAL: u32 = 5;
-    /// Attach to node `offset`.
-    pub const ATTACH: u32 = 6;
-    /// The group status as JSON in `data`.
-    pub const STATUS: u32 = 7;
-    /// Epoch and attached node as of log index `offset`, as JSON.
-    pub const EPOCH_AT: u32 = 8;
-}
+/// Forwarded-request operation codes (ForwardRequest.op), defined with the protocol.
+pub use trireme_transport::op as fwd_op;
 
 /// Forwarded-reply codes (ForwardReply.errno) beyond the NBD errnos.
 pub mod fwd_code {
@@ -283,7 +269,7 @@ impl Volume {
                 };
                 group.write(req.epoch, op).await.map(|_| Bytes::new())
             }
-            fwd_op::ZERO | fwd_op::TRIM => {
+            fwd_op::WRITE_ZEROES | fwd_op::TRIM => {
                 let op = VolumeOp::Zero {
                     offset: req.offset,
                     length: req.length,
@@ -501,7 +487,7 @@ impl BlockDevice for VolumeSession {
         _fua: bool,
     ) -> DeviceResult<()> {
         // A zero entry is a few bytes in the log whatever the range: always fast.
-        self.write_op(fwd_op::ZERO, offset, u64::from(length), Bytes::new())
+        self.write_op(fwd_op::WRITE_ZEROES, offset, u64::from(length), Bytes::new())
             .await
     }
 

@@ -50,11 +50,20 @@ use crate::server::ClientAuth;
 
 /// `ForwardRequest::op` values.
 pub mod op {
+    /// A linearizable read (ReadIndex on the receiving replica).
     pub const READ: u32 = 0;
     pub const WRITE: u32 = 1;
     pub const WRITE_ZEROES: u32 = 2;
     pub const TRIM: u32 = 3;
     pub const FLUSH: u32 = 4;
+    /// Read the applied state once it reaches index `epoch`: snapshot copies only.
+    pub const READ_LOCAL: u32 = 5;
+    /// Attach the volume to node `offset` (a new writer epoch).
+    pub const ATTACH: u32 = 6;
+    /// The group's status as JSON in the reply's data (leader only).
+    pub const STATUS: u32 = 7;
+    /// Epoch and attached node as of log index `offset`, as JSON.
+    pub const EPOCH_AT: u32 = 8;
 }
 
 /// A Raft message received from a peer. `message.from == from` and
