@@ -1691,6 +1691,64 @@ pub fn verify_acked(cluster: &Cluster, uri: &str, record: &Path, seed: u64, expe
     Ok(())
 }
 
+/// Runs a fio command that writes its JSON to `json_path`, requires it to
+/// succeed with `error == 0` in every job, and returns the total (write,
+/// read) I/O counts. fio's nbd engine prints a line before the JSON.
+pub fn run_fio_checked(
+    cmd: &mut Command,
+    timeout: Duration,
+    json_path: &Path,
+    cluster: &Cluster,
+) -> Result<(u64, u64)> {
+    let out = run_with_timeout(cmd, timeout)?;
+    let text = fs::read_to_string(json_path).unwrap_or_default();
+    ensure!(
+        out.status.success(),
+        "fio failed\n{}\n--- json ---\n{text}\n{}",
+        describe(&out),
+        cluster.diag()
+    );
+    let start = text.find('{').ok_or_else(|| anyhow!("no JSON in fio output: {text}"))?;
+    let doc: serde_json::Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
+    let jobs = doc["jobs"].as_array().ok_or_else(|| anyhow!("no jobs in fio JSON"))?;
+    ensure!(!jobs.is_empty(), "fio reported no jobs");
+    let mut writes = 0;
+    let mut reads = 0;
+    for job in jobs {
+        ensure!(
+            job["error"] == 0,
+            "fio job {} reported error {}",
+            job["jobname"],
+            job["error"]
+        );
+        writes += job["write"]["total_ios"].as_u64().unwrap_or(0);
+        reads += job["read"]["total_ios"].as_u64().unwrap_or(0);
+    }
+    Ok((writes, reads))
+}
+
+/// Waits until the ack writer has recorded `count` acknowledged writes,
+/// failing at once if it exits first.
+pub fn wait_for_acks(
+    writer: &mut ChildGuard,
+    record: &Path,
+    count: usize,
+    timeout: Duration,
+    writer_err: &Path,
+    cluster: &Cluster,
+) -> Result<()> {
+    wait_until(timeout, &format!("{count} acknowledged writes"), || {
+        if let Some(st) = writer.try_wait()? {
+            bail!(
+                "ack_writer exited early ({st}): {}\n{}",
+                tail(writer_err, 20),
+                cluster.diag()
+            );
+        }
+        Ok(count_lines(record) >= count)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 use trireme_tests::{
-    CMD_TIMEOUT, Cluster, DEFAULT_VOLUME_SIZE, cmp_files, describe, qemu_io, qemu_io_ok, random_file, run_ok,
-    run_with_timeout,
+    CMD_TIMEOUT, Cluster, DEFAULT_VOLUME_SIZE, cmp_files, describe, qemu_io, qemu_io_ok, random_file, run_fio_checked,
+    run_ok,
 };
 
 const BIG_TIMEOUT: Duration = Duration::from_secs(180);
@@ -250,30 +250,7 @@ fn fio_multi_connection_randwrite_verify() -> Result<()> {
     .arg(format!("--output={}", json_path.display()))
     // fio drops verify state files into its working directory
     .current_dir(cluster.scratch());
-    let out = run_with_timeout(&mut cmd, BIG_TIMEOUT)?;
-    let text = std::fs::read_to_string(&json_path).unwrap_or_default();
-    ensure!(
-        out.status.success(),
-        "fio failed\n{}\n--- json ---\n{text}\n{}",
-        describe(&out),
-        cluster.diag()
-    );
-    let start = text.find('{').ok_or_else(|| anyhow!("no JSON in fio output: {text}"))?;
-    let doc: Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
-    let jobs = doc["jobs"].as_array().ok_or_else(|| anyhow!("no jobs in fio JSON"))?;
-    ensure!(!jobs.is_empty(), "fio reported no jobs");
-    let mut writes = 0;
-    let mut reads = 0;
-    for job in jobs {
-        ensure!(
-            job["error"] == 0,
-            "fio job {} reported error {}",
-            job["jobname"],
-            job["error"]
-        );
-        writes += job["write"]["total_ios"].as_u64().unwrap_or(0);
-        reads += job["read"]["total_ios"].as_u64().unwrap_or(0);
-    }
+    let (writes, reads) = run_fio_checked(&mut cmd, BIG_TIMEOUT, &json_path, &cluster)?;
     // 4 jobs x 32 MiB / 4 KiB
     let expected = JOBS * (32 << 20) / 4096;
     ensure!(writes == expected, "fio wrote {writes} ios, expected {expected}");

@@ -27,11 +27,10 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde_json::Value;
+use anyhow::{Context, Result, anyhow, ensure};
 use trireme_tests::{
     ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, nbd, nbd_sha256, pattern, qemu_io_ok,
-    run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked, wait_until,
+    run_fio_checked, run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked, wait_for_acks, wait_until,
 };
 
 /// Every test here takes this lock first (see the module comment).
@@ -186,19 +185,13 @@ fn leader_sigkill_failover_under_fio() -> Result<()> {
     let mut writer = ChildGuard::spawn(&mut cmd, "ack_writer.py")?;
     eprintln!("[{NAME}] leader is node {leader}; writing through node {via} ({uri})");
 
-    wait_until(
+    wait_for_acks(
+        &mut writer,
+        &record,
+        MIN_ACKED_BEFORE_KILL,
         Duration::from_secs(120),
-        "1000 acknowledged writes before the kill",
-        || {
-            if let Some(st) = writer.try_wait()? {
-                bail!(
-                    "ack_writer exited early ({st}): {}\n{}",
-                    tail(&writer_err, 20),
-                    cluster.diag()
-                );
-            }
-            Ok(count_lines(&record) >= MIN_ACKED_BEFORE_KILL)
-        },
+        &writer_err,
+        &cluster,
     )?;
 
     // SIGKILL the leader mid-stream.
@@ -327,30 +320,7 @@ fn fio_randwrite_verify(cluster: &Cluster, uri: &str) -> Result<u64> {
     .arg(format!("--output={}", json_path.display()))
     // fio drops verify state files into its working directory
     .current_dir(cluster.scratch());
-    let out = run_with_timeout(&mut cmd, FIO_TIMEOUT)?;
-    let text = fs::read_to_string(&json_path).unwrap_or_default();
-    ensure!(
-        out.status.success(),
-        "fio failed\n{}\n--- json ---\n{text}\n{}",
-        describe(&out),
-        cluster.diag()
-    );
-    let start = text.find('{').ok_or_else(|| anyhow!("no JSON in fio output: {text}"))?;
-    let doc: Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
-    let jobs = doc["jobs"].as_array().ok_or_else(|| anyhow!("no jobs in fio JSON"))?;
-    ensure!(!jobs.is_empty(), "fio reported no jobs");
-    let mut writes = 0;
-    let mut reads = 0;
-    for job in jobs {
-        ensure!(
-            job["error"] == 0,
-            "fio job {} reported error {}",
-            job["jobname"],
-            job["error"]
-        );
-        writes += job["write"]["total_ios"].as_u64().unwrap_or(0);
-        reads += job["read"]["total_ios"].as_u64().unwrap_or(0);
-    }
+    let (writes, reads) = run_fio_checked(&mut cmd, FIO_TIMEOUT, &json_path, cluster)?;
     ensure!(writes == (32 << 20) / BLOCK, "fio wrote {writes} ios, expected 8192");
     ensure!(reads > 0, "fio's verify phase read nothing");
     Ok(writes)

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use trireme_tests::{
     ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, nbd, nbd_sha256, pattern, pid_alive,
-    qemu_io_ok, run_with_timeout, scripts_dir, seed, serial_lock, signal_pid, tail, verify_acked, wait_until,
+    qemu_io_ok, run_with_timeout, scripts_dir, seed, serial_lock, signal_pid, tail, verify_acked, wait_for_acks,
+    wait_until,
 };
 
 const SERIAL: &str = "replication";
@@ -118,19 +119,13 @@ fn all_three_sigkilled_during_writes_lose_nothing() -> Result<()> {
         info.leader
     );
     let write_at = Instant::now();
-    wait_until(
+    wait_for_acks(
+        &mut writer,
+        &record,
+        MIN_ACKED_BEFORE_KILL,
         Duration::from_secs(90),
-        "1000 acknowledged writes before the kill",
-        || {
-            if let Some(st) = writer.try_wait()? {
-                bail!(
-                    "ack_writer exited early ({st}): {}\n{}",
-                    tail(&writer_err, 20),
-                    cluster.diag()
-                );
-            }
-            Ok(count_lines(&record) >= MIN_ACKED_BEFORE_KILL)
-        },
+        &writer_err,
+        &cluster,
     )?;
     let write_ms = write_at.elapsed().as_millis();
 
