@@ -48,7 +48,7 @@ fn replicas(meta_replicas: &[u64], leader: Option<&GroupStatus>) -> Vec<pb::Repl
                 ("leader", "healthy")
             } else if pstate == "snapshot" {
                 ("follower", "snapshot")
-            } else if pstate == "probe" && lag_entries > 0 {
+            } else if pstate == "inactive" {
                 ("follower", "down")
             } else if lag_entries > 0 {
                 ("follower", "catching-up")

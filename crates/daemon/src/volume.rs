@@ -378,6 +378,7 @@ fn parse_status_json(b: &[u8]) -> Option<GroupStatus> {
         let state = match p.get("state").and_then(|x| x.as_str()) {
             Some("replicate") => "replicate",
             Some("snapshot") => "snapshot",
+            Some("inactive") => "inactive",
             _ => "probe",
         };
         s.progress.push((id, p.get("match")?.as_u64()?, state));

@@ -284,7 +284,8 @@ impl Replica {
         self.node.raft.raft_log.last_index()
     }
     /// Per-replica replication progress as the leader sees it (empty
-    /// elsewhere): (id, match index, "probe" | "replicate" | "snapshot").
+    /// elsewhere): (id, match index, "probe" | "replicate" | "snapshot" |
+    /// "inactive").
     pub fn progress(&self) -> Vec<(u64, u64, &'static str)> {
         if !self.is_leader() {
             return Vec::new();
@@ -296,6 +297,9 @@ impl Replica {
             .iter()
             .map(|(id, pr)| {
                 let state = match pr.state {
+                    // Probing a replica that has not answered lately: it is gone,
+                    // not merely behind (check_quorum maintains recent_active).
+                    raft::ProgressState::Probe if !pr.recent_active && *id != self.id => "inactive",
                     raft::ProgressState::Probe => "probe",
                     raft::ProgressState::Replicate => "replicate",
                     raft::ProgressState::Snapshot => "snapshot",
