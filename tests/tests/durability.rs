@@ -9,10 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use serde_json::Value;
-use trireme_tests::{
-    ChildGuard, Cluster, PYTHON, count_lines, describe, run_with_timeout, scripts_dir, tail, wait_until,
-};
+use trireme_tests::{ChildGuard, Cluster, PYTHON, count_lines, scripts_dir, tail, verify_acked, wait_until};
 
 const MIN_ACKED: usize = 2000;
 
@@ -65,34 +62,7 @@ fn acknowledged_writes_survive_sigkill() -> Result<()> {
     // Restart from argv (test-owned) and verify every acknowledged block.
     cluster.restart_node()?;
     ensure!(cluster.node_pid() != old_pid);
-    let out = run_with_timeout(
-        Command::new(PYTHON)
-            .arg(scripts_dir().join("verify_blocks.py"))
-            .arg(cluster.nbd_uri())
-            .arg(&record)
-            .arg(seed.to_string()),
-        Duration::from_secs(180),
-    )?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "verify_blocks.py output is not JSON\n{}\n{}",
-            describe(&out),
-            cluster.diag()
-        )
-    })?;
-    eprintln!("verify: {report}");
-    ensure!(
-        report["mismatches"] == 0 && report["duplicates"] == 0,
-        "acknowledged writes lost after SIGKILL: {report}\n{}",
-        cluster.diag()
-    );
-    ensure!(
-        report["verified"] == acked as u64,
-        "verified {} of {acked} records",
-        report["verified"]
-    );
-    ensure!(out.status.success(), "verify_blocks.py failed\n{}", describe(&out));
+    verify_acked(&cluster, cluster.nbd_uri(), &record, seed, acked)?;
     eprintln!("verified {acked} acknowledged blocks after the crash");
 
     // Stop the restarted node (Drop would SIGKILL it anyway).

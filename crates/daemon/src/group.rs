@@ -123,6 +123,12 @@ impl GroupHandle {
         self.status.lock().expect("group status lock poisoned").clone()
     }
 
+    /// The leader this replica knows of (0: none), without copying the rest
+    /// of the status: the router asks on every request.
+    pub fn leader(&self) -> u64 {
+        self.status.lock().expect("group status lock poisoned").leader
+    }
+
     pub async fn send(&self, ev: GroupEvent) -> Result<(), GroupError> {
         self.tx
             .send(ev)
@@ -459,7 +465,7 @@ impl Driver {
         if cached > 0 && (cached >= DESTAGE_THRESHOLD_BYTES || self.last_destage.elapsed() >= DESTAGE_INTERVAL) {
             self.start_destage();
         }
-        self.publish();
+        self.publish(true);
     }
 
     fn drain_ready(&mut self) {
@@ -487,7 +493,7 @@ impl Driver {
         if self.replica.state().cache.bytes() >= DESTAGE_THRESHOLD_BYTES {
             self.start_destage();
         }
-        self.publish();
+        self.publish(false);
     }
 
     fn dispatch(&mut self, out: Output) {
@@ -796,14 +802,18 @@ impl Driver {
         }
     }
 
-    fn publish(&self) {
+    /// `with_lag`: also re-measure each follower's lag in bytes, a scan of
+    /// the log kept to the tick rather than every turn of the loop.
+    fn publish(&self, with_lag: bool) {
         let st = self.replica.state();
         let last = self.replica.last_index();
         let progress = self.replica.progress();
-        let lag_bytes: Vec<(u64, u64)> = progress
-            .iter()
-            .map(|(id, matched, _)| (*id, self.replica.entry_bytes_between(*matched, last)))
-            .collect();
+        let lag_bytes: Option<Vec<(u64, u64)>> = with_lag.then(|| {
+            progress
+                .iter()
+                .map(|(id, matched, _)| (*id, self.replica.entry_bytes_between(*matched, last)))
+                .collect()
+        });
         let mut s = self.status.lock().expect("group status lock poisoned");
         s.role = if self.replica.is_leader() {
             "leader"
@@ -822,7 +832,9 @@ impl Driver {
         s.attached_node = st.attached_node;
         s.cache_bytes = st.cache.bytes();
         s.destaged_index = self.destaged_index;
-        s.lag_bytes = lag_bytes;
+        if let Some(lag_bytes) = lag_bytes {
+            s.lag_bytes = lag_bytes;
+        }
         s.progress = progress;
     }
 }

@@ -91,6 +91,8 @@ pub struct LocalReplica {
 }
 
 pub struct Volume {
+    /// Never changes; kept apart so requests need not copy the meta.
+    name: String,
     meta: std::sync::Mutex<VolumeMeta>,
     size_bytes: AtomicU64,
     pub local: Option<LocalReplica>,
@@ -104,6 +106,7 @@ impl Volume {
     pub fn new(meta: VolumeMeta, local: Option<LocalReplica>, node_id: u64, transport: Transport) -> Arc<Volume> {
         let (revoke, _) = watch::channel(false);
         Arc::new(Volume {
+            name: meta.name.clone(),
             size_bytes: AtomicU64::new(meta.size_bytes),
             meta: std::sync::Mutex::new(meta),
             local,
@@ -171,11 +174,9 @@ impl Volume {
     /// The node to try first: the leader if this node knows it, else itself
     /// when it holds a replica, else the first replica.
     fn first_target(&self) -> u64 {
-        if let Some(s) = self.local_status() {
-            if s.leader != 0 {
-                return s.leader;
-            }
-            return self.node_id;
+        if let Some(local) = &self.local {
+            let leader = local.group.leader();
+            return if leader != 0 { leader } else { self.node_id };
         }
         self.meta().replicas.first().copied().unwrap_or(self.node_id)
     }
@@ -220,7 +221,7 @@ impl Volume {
                     false
                 }
                 Err(GroupError::NotLeader(_)) => {
-                    target = match self.local_status().map(|s| s.leader) {
+                    target = match self.local.as_ref().map(|l| l.group.leader()) {
                         Some(l) if l != 0 && l != target => l,
                         _ => self.next_replica(target),
                     };
@@ -298,7 +299,7 @@ impl Volume {
 
     fn request(&self, op: u32, epoch: u64, offset: u64, length: u64, data: Bytes) -> ForwardRequest {
         ForwardRequest {
-            volume: self.meta().name,
+            volume: self.name.clone(),
             epoch,
             op,
             offset,
