@@ -28,6 +28,7 @@ use trireme_transport::{CatalogChange, Transport};
 
 use crate::error::{DaemonError, Result};
 use crate::group::{self, GroupEvent, GroupHandle};
+use crate::liveness::Liveness;
 use crate::logwriter::LogWriter;
 use crate::volume::{LocalReplica, Volume, VolumeMeta, VolumeSession};
 
@@ -219,8 +220,20 @@ enum StartMode {
     Rebuild,
 }
 
+/// The node-wide services every local replica uses.
+pub struct NodeServices {
+    pub engine: IoEngine,
+    pub log: Arc<dyn RaftLogStore>,
+    pub log_writer: LogWriter,
+    pub transport: Transport,
+    pub liveness: Arc<Liveness>,
+    /// Every cluster node and its peer address.
+    pub nodes: BTreeMap<u64, SocketAddr>,
+}
+
 pub struct Catalog {
     node_id: u64,
+    liveness: Arc<Liveness>,
     volumes_dir: PathBuf,
     engine: IoEngine,
     log: Arc<dyn RaftLogStore>,
@@ -237,19 +250,20 @@ impl Catalog {
     /// Opens every volume under `data_dir/volumes` and restarts the local
     /// replicas from the durable log; refuses to start on a corrupt file
     /// (naming it) rather than serve without it.
-    pub fn load(
-        node_id: u64,
-        data_dir: &Path,
-        engine: IoEngine,
-        log: Arc<dyn RaftLogStore>,
-        log_writer: LogWriter,
-        transport: Transport,
-        nodes: BTreeMap<u64, SocketAddr>,
-    ) -> Result<Catalog> {
+    pub fn load(node_id: u64, data_dir: &Path, services: NodeServices) -> Result<Catalog> {
+        let NodeServices {
+            engine,
+            log,
+            log_writer,
+            transport,
+            liveness,
+            nodes,
+        } = services;
         let volumes_dir = data_dir.join("volumes");
         fs::create_dir_all(&volumes_dir).map_err(|e| DaemonError::io(volumes_dir.display().to_string(), e))?;
         let catalog = Catalog {
             node_id,
+            liveness,
             volumes_dir: volumes_dir.clone(),
             engine,
             log,
@@ -452,6 +466,7 @@ impl Catalog {
             transport: self.transport.clone(),
             log: self.log_writer.clone(),
             recovering: mode == StartMode::Rebuild,
+            liveness: self.liveness.clone(),
         });
         self.groups
             .write()

@@ -19,6 +19,7 @@ use trireme_storage::uring::UringStore;
 use trireme_storage::{BlockStore, ZeroMode};
 use trireme_transport::Transport;
 
+use crate::liveness::Liveness;
 use crate::logwriter::{LogJob, LogWriter};
 
 /// One Raft tick; elections take 10-20 ticks (1-2 s), heartbeats 2.
@@ -35,6 +36,15 @@ const DESTAGE_INTERVAL: Duration = Duration::from_millis(500);
 /// Entries the leader keeps for a lagging follower before compacting past
 /// it anyway (it then needs a snapshot).
 const MAX_RETAINED_ENTRIES: u64 = 200_000;
+/// Hibernation: an idle group stops ticking, so a thousand idle volumes
+/// cost no timer wake-ups and no per-group heartbeats (node liveness stands
+/// in for them). A leader hibernates after this many ticks with no client
+/// request and every live follower holding its whole log...
+const LEADER_IDLE_TICKS: u32 = 30;
+/// ...and a follower after this many ticks without a word from its leader
+/// (more than the 2-tick heartbeat, less than the 10-tick election
+/// timeout) while the leader's node is alive: its leader has hibernated.
+const FOLLOWER_QUIET_TICKS: u32 = 4;
 
 /// Why a request did not succeed here; the router decides what to do next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +119,9 @@ pub struct GroupStatus {
     pub progress: Vec<(u64, u64, &'static str)>,
     /// Bytes of log entries each follower is missing (leader only).
     pub lag_bytes: Vec<(u64, u64)>,
+    /// Idle: not ticking until a request, a peer message or a node going
+    /// down wakes it.
+    pub hibernating: bool,
 }
 
 #[derive(Clone)]
@@ -230,6 +243,11 @@ struct Driver {
     destaging: bool,
     destaged_index: u64,
     last_destage: Instant,
+    liveness: Arc<Liveness>,
+    hibernating: bool,
+    election_heard: bool,
+    /// Ticks since the last sign of activity (see `note_activity`).
+    quiet_ticks: u32,
 }
 
 /// Everything a replica's driver starts from.
@@ -246,6 +264,7 @@ pub struct GroupSetup {
     /// The replica lost its data and is being rebuilt: it must not vote
     /// until it has caught up.
     pub recovering: bool,
+    pub liveness: Arc<Liveness>,
 }
 
 /// Starts the driver task of a local replica.
@@ -276,6 +295,10 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         destaging: false,
         destaged_index: setup.destaged_index,
         last_destage: Instant::now(),
+        liveness: setup.liveness,
+        hibernating: false,
+        election_heard: false,
+        quiet_ticks: 0,
     };
     tokio::spawn(driver.run(rx));
     GroupHandle { group_id, tx, status }
@@ -285,13 +308,19 @@ impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<GroupEvent>) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut node_changes = self.liveness.subscribe();
         loop {
+            let was_hibernating = self.hibernating;
             tokio::select! {
-                _ = ticker.tick() => self.on_tick(),
+                _ = ticker.tick(), if !self.hibernating => self.on_tick(),
                 ev = rx.recv() => match ev {
                     None | Some(GroupEvent::Stop) => break,
                     Some(ev) => self.handle(ev),
                 },
+                // A peer node went down or came back: a hibernating
+                // follower may have lost its leader, and a hibernating
+                // leader may have a follower to catch up.
+                _ = node_changes.changed(), if self.hibernating => self.wake("a peer node changed state"),
             }
             // Take whatever else is queued before polling, so one Ready
             // (one log write) covers a burst of proposals: group commit.
@@ -303,8 +332,92 @@ impl Driver {
                 }
             }
             self.drain_ready();
+            if was_hibernating && !self.hibernating {
+                // Tick a full period after waking, not at once.
+                ticker.reset();
+            }
         }
         self.stop();
+    }
+
+    fn wake(&mut self, why: &str) {
+        self.quiet_ticks = 0;
+        if self.hibernating {
+            self.hibernating = false;
+            debug!(group = self.group_id, volume = %self.volume, why, "waking from hibernation");
+        }
+    }
+
+    /// Whether `ev` is a sign the group is in use. Heartbeat responses are
+    /// not: they are the leader's own heartbeats coming back. A heartbeat
+    /// is, for a follower: its leader is awake.
+    /// An election heard of keeps a follower awake until a leader speaks:
+    /// a candidate on a node that restarted faster than liveness noticed
+    /// needs voters that tick out their leader lease.
+    fn note_activity(&mut self, ev: &GroupEvent) {
+        let active = match ev {
+            GroupEvent::Raft(m) => {
+                match m.get_msg_type() {
+                    MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => self.election_heard = true,
+                    MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
+                        self.election_heard = false
+                    }
+                    _ => {}
+                }
+                m.get_msg_type() != MessageType::MsgHeartbeatResponse
+            }
+            GroupEvent::Write { .. }
+            | GroupEvent::Read { .. }
+            | GroupEvent::ReadLocal { .. }
+            | GroupEvent::EpochAt { .. }
+            | GroupEvent::Installed { .. }
+            | GroupEvent::TransferLeader(_) => true,
+            // The transport reports a down peer again at every failed
+            // reconnect; that must not keep every group awake.
+            GroupEvent::Unreachable(_) | GroupEvent::Persisted(_) | GroupEvent::Destaged { .. } | GroupEvent::Stop => {
+                false
+            }
+        };
+        if active {
+            self.wake("activity");
+        }
+    }
+
+    /// Whether this group may stop ticking. Only ever true in a settled
+    /// state: nothing in flight, everything applied and destaged, and (as
+    /// leader) every live follower holding the whole log, (as follower) a
+    /// leader on a live node that has gone quiet.
+    fn may_hibernate(&self) -> bool {
+        let settled = self.writes.is_empty()
+            && self.parked.is_empty()
+            && self.reads.is_empty()
+            && self.unindexed.is_empty()
+            && self.read_batches.is_empty()
+            && self.installing.is_none()
+            && self.install_persist.is_none()
+            && !self.destaging
+            && !self.recovering
+            && self.replica.state().cache.bytes() == 0
+            && self.replica.applied_index() == self.replica.commit_index();
+        if !settled {
+            return false;
+        }
+        let leader = self.replica.leader_id();
+        if self.replica.is_leader() {
+            let last = self.replica.last_index();
+            self.quiet_ticks >= LEADER_IDLE_TICKS
+                && self.replica.commit_index() == last
+                && self
+                    .replica
+                    .progress()
+                    .iter()
+                    .all(|(id, matched, _)| *matched == last || !self.liveness.is_alive(*id))
+        } else {
+            leader != 0
+                && !self.election_heard
+                && self.quiet_ticks >= FOLLOWER_QUIET_TICKS
+                && self.liveness.is_alive(leader)
+        }
     }
 
     fn stop(&mut self) {
@@ -327,6 +440,7 @@ impl Driver {
     }
 
     fn handle(&mut self, ev: GroupEvent) {
+        self.note_activity(&ev);
         match ev {
             GroupEvent::Raft(m) => {
                 let mut m = m;
@@ -464,6 +578,11 @@ impl Driver {
         let cached = self.replica.state().cache.bytes();
         if cached > 0 && (cached >= DESTAGE_THRESHOLD_BYTES || self.last_destage.elapsed() >= DESTAGE_INTERVAL) {
             self.start_destage();
+        }
+        self.quiet_ticks = self.quiet_ticks.saturating_add(1);
+        if self.may_hibernate() {
+            debug!(group = self.group_id, volume = %self.volume, "hibernating");
+            self.hibernating = true;
         }
         self.publish(true);
     }
@@ -836,6 +955,7 @@ impl Driver {
             s.lag_bytes = lag_bytes;
         }
         s.progress = progress;
+        s.hibernating = self.hibernating;
     }
 }
 

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod group;
+pub mod liveness;
 pub mod logwriter;
 pub mod node;
 pub mod peer;

@@ -19,9 +19,10 @@ use trireme_storage::statefile;
 use trireme_storage::uring::IoEngine;
 
 use crate::admin::{NodeApi, VolumeApi};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, NodeServices};
 use crate::config::Config;
 use crate::error::{DaemonError, Result};
+use crate::liveness::Liveness;
 use crate::logwriter::LogWriter;
 use crate::peer::{self, PeerApi};
 use trireme_raftlog::{EngineLog, RaftLogStore};
@@ -152,17 +153,27 @@ impl Node {
             })?;
         let log_writer = LogWriter::start(log.clone(), transport.clone())
             .map_err(|e| DaemonError::io("starting the log writer thread", e))?;
+        let liveness = Arc::new(Liveness::new(config.node_id, nodes.keys().copied()));
         let catalog = Arc::new(Catalog::load(
             config.node_id,
             &data_dir,
-            engine,
-            log,
-            log_writer,
-            transport.clone(),
-            nodes.clone(),
+            NodeServices {
+                engine,
+                log,
+                log_writer,
+                transport: transport.clone(),
+                liveness: liveness.clone(),
+                nodes: nodes.clone(),
+            },
         )?);
         let _ = peer_api.catalog.set(catalog.clone());
-        tokio::spawn(peer::route_inbound(catalog.clone(), transport.clone(), inbound));
+        tokio::spawn(peer::route_inbound(
+            catalog.clone(),
+            transport.clone(),
+            liveness.clone(),
+            inbound,
+        ));
+        tokio::spawn(liveness.clone().run(transport.clone()));
 
         let nbd_addr = config.nbd_addr();
         let tcp = TcpListener::bind(nbd_addr)

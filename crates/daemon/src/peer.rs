@@ -12,6 +12,7 @@ use trireme_transport::{CatalogChange, ForwardReply, ForwardRequest, Inbound, Pe
 
 use crate::catalog::Catalog;
 use crate::group::{GroupError, GroupEvent};
+use crate::liveness::{Liveness, NODE_GROUP};
 use crate::volume::{fwd_code, group_error_to_reply};
 
 /// Bound late: the catalog needs the transport, and the transport this handler.
@@ -54,12 +55,21 @@ impl PeerHandler for PeerApi {
 
 /// Hands inbound Raft messages to their groups, and tells the groups which
 /// peers the transport lost so raft stops pipelining to them.
-pub async fn route_inbound(catalog: Arc<Catalog>, transport: Transport, mut inbound: mpsc::Receiver<Inbound>) {
+pub async fn route_inbound(
+    catalog: Arc<Catalog>,
+    transport: Transport,
+    liveness: Arc<Liveness>,
+    mut inbound: mpsc::Receiver<Inbound>,
+) {
     let mut unreachable_check = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             msg = inbound.recv() => {
                 let Some(m) = msg else { break };
+                liveness.heard(m.from);
+                if m.group_id == NODE_GROUP {
+                    continue;
+                }
                 // A message for a group this node does not run (yet) is
                 // dropped; raft retransmits.
                 if let Some(g) = catalog.group(m.group_id) {
