@@ -1,0 +1,156 @@
+//! Micro-benchmarks of the node-wide Raft log writer: `RaftLogStore::write_batch`, the
+//! call the daemon's log writer thread makes once per round, for batches of 1, 8 and 32
+//! entries of 4 KiB in each of 1 and 16 groups (each group write also carries a
+//! `HardState`, as a Ready with new entries usually does). Throughput is entry bytes.
+//!
+//! - `engine_disk`: `EngineLog` (raft-engine) in cargo's target tmp dir, on the build
+//!   disk: one write + one fdatasync per call, the real cost of acknowledging a write.
+//! - `engine_tmpfs`: the same in /dev/shm, where fdatasync costs next to nothing. The
+//!   store always syncs (no API to skip it), so this is how the CPU side (planning,
+//!   encoding, raft-engine's batch and checksums, the hand-off to the writer thread,
+//!   the `write` syscall) is told apart from the disk's. Skipped without /dev/shm.
+//! - `memlog`: `MemLog`, the in-memory store: the batch checks (`plan_batch`) and
+//!   bookkeeping alone, a floor for any store.
+//!
+//! Why: group commit is what makes many volumes per node cheap; these numbers show what
+//! one round costs and how it scales with entries and groups per round.
+//!
+//! Each sample opens a fresh store in a fresh directory (outside the timing) so that the
+//! log does not grow across the whole run; only `write_batch` itself is timed.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tempfile::TempDir;
+use trireme_raftlog::{EngineLog, Entry, GroupWrite, HardState, MemLog, RaftLogStore};
+
+const ENTRY_BYTES: usize = 4096;
+const GROUPS: [u64; 2] = [1, 16];
+const ENTRIES: [u64; 3] = [1, 8, 32];
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Disk,
+    Tmpfs,
+    Mem,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Disk => "engine_disk",
+            Backend::Tmpfs => "engine_tmpfs",
+            Backend::Mem => "memlog",
+        }
+    }
+}
+
+/// A store and the directory it lives in; the store is dropped (closed) first.
+struct Store {
+    log: Box<dyn RaftLogStore>,
+    _dir: Option<TempDir>,
+}
+
+fn open(backend: Backend) -> Store {
+    let engine_in = |parent: &Path| {
+        let dir = tempfile::Builder::new()
+            .prefix("trireme-raftlog-bench-")
+            .tempdir_in(parent)
+            .expect("creating the bench log directory");
+        let log = EngineLog::open(dir.path().join("raft-log")).expect("opening the bench log");
+        Store {
+            log: Box::new(log),
+            _dir: Some(dir),
+        }
+    };
+    match backend {
+        Backend::Disk => engine_in(Path::new(env!("CARGO_TARGET_TMPDIR"))),
+        Backend::Tmpfs => engine_in(Path::new("/dev/shm")),
+        Backend::Mem => Store {
+            log: Box::new(MemLog::new()),
+            _dir: None,
+        },
+    }
+}
+
+/// The next batch: `entries` new entries for each of `next.len()` groups.
+fn batch(next: &mut [u64], entries: u64, payload: &Bytes) -> Vec<GroupWrite> {
+    next.iter_mut()
+        .enumerate()
+        .map(|(g, first)| {
+            let start = *first;
+            *first += entries;
+            GroupWrite {
+                group: g as u64 + 1,
+                entries: (start..start + entries)
+                    .map(|index| Entry {
+                        index,
+                        term: 1,
+                        data: payload.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                hard_state: Some(HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: start.saturating_sub(1),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn write_batch(c: &mut Criterion) {
+    let payload = Bytes::from((0..ENTRY_BYTES).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
+    let mut backends = vec![Backend::Disk];
+    if Path::new("/dev/shm").is_dir() {
+        backends.push(Backend::Tmpfs);
+    } else {
+        eprintln!("no /dev/shm: skipping engine_tmpfs");
+    }
+    backends.push(Backend::Mem);
+
+    for backend in backends {
+        let mut g = c.benchmark_group(backend.name());
+        for groups in GROUPS {
+            for entries in ENTRIES {
+                g.throughput(Throughput::Bytes(groups * entries * ENTRY_BYTES as u64));
+                let id = BenchmarkId::from_parameter(format!("{groups}g_x_{entries}e"));
+                g.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        let store = open(backend);
+                        let mut next = vec![1u64; groups as usize];
+                        let mut spent = Duration::ZERO;
+                        for _ in 0..iters {
+                            let writes = batch(&mut next, entries, &payload);
+                            let start = Instant::now();
+                            store.log.write_batch(black_box(writes)).expect("write_batch");
+                            spent += start.elapsed();
+                        }
+                        spent
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = write_batch
+}
+criterion_main!(benches);
