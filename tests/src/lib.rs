@@ -506,6 +506,8 @@ pub struct NodeInfo {
     pub admin: String,
     pub nbd: String,
     pub unix_socket: PathBuf,
+    /// host:port of the node's Prometheus /metrics endpoint.
+    pub metrics: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub argv: Vec<String>,
@@ -1769,5 +1771,144 @@ mod tests {
         }
         assert_eq!(seen.len(), PORT_SLOTS as usize * 36);
         assert!(seen.iter().all(|&p| (20000..32768).contains(&p)));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus scraping
+// ---------------------------------------------------------------------------
+
+/// One sample of the Prometheus text format: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// GET http://addr/metrics with a plain HTTP/1.0 request (bounded by
+/// `timeout`), returning the body.
+pub fn scrape(addr: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse().with_context(|| format!("metrics address {addr}"))?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&sock, timeout).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP header end in the reply from {addr}"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("{addr}/metrics answered {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+/// Parses the Prometheus text exposition format strictly: every line is a
+/// comment (# HELP / # TYPE), blank, or `name{labels} value`. A line that
+/// does not parse is an error naming it.
+pub fn parse_metrics(text: &str) -> Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let kind = rest.split_whitespace().nth(1).unwrap_or("");
+                if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) {
+                    bail!("line {}: unknown metric type in {line:?}", n + 1);
+                }
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| anyhow!("line {}: no value in {line:?}", n + 1))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .with_context(|| format!("line {}: bad value in {line:?}", n + 1))?,
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), Vec::new()),
+            Some((name, rest)) => {
+                let inner = rest
+                    .strip_suffix('}')
+                    .ok_or_else(|| anyhow!("line {}: unterminated labels in {line:?}", n + 1))?;
+                let mut labels = Vec::new();
+                let mut rest = inner;
+                while !rest.is_empty() {
+                    let (k, after) = rest
+                        .split_once("=\"")
+                        .ok_or_else(|| anyhow!("line {}: bad label in {line:?}", n + 1))?;
+                    // Values here never contain escaped quotes (names and ids only).
+                    let (v, after) = after
+                        .split_once('"')
+                        .ok_or_else(|| anyhow!("line {}: unterminated label value in {line:?}", n + 1))?;
+                    labels.push((k.trim_start_matches(',').to_string(), v.to_string()));
+                    rest = after.trim_start_matches(',');
+                }
+                (name.to_string(), labels)
+            }
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+            bail!("line {}: bad metric name in {line:?}", n + 1);
+        }
+        out.push(Sample { name, labels, value });
+    }
+    Ok(out)
+}
+
+/// Sum of the samples named `name` whose labels include all of `labels`.
+pub fn metric_sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Largest sample named `name` with all of `labels` (None: no such series).
+pub fn metric_max(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .reduce(f64::max)
+}
+
+impl Cluster {
+    /// Scrapes and parses node `id`'s /metrics.
+    pub fn metrics_of(&self, id: u64) -> Result<Vec<Sample>> {
+        let node = self.node_by_id(id)?;
+        parse_metrics(&scrape(&node.metrics, Duration::from_secs(5))?)
+    }
+}
+
+#[cfg(test)]
+mod metrics_parse_tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_text_format_and_refuses_garbage() {
+        let text = "# HELP x help\n# TYPE x counter\nx{node=\"1\",volume=\"v\"} 3\ny 1.5\nz_bucket{le=\"+Inf\"} 7\n";
+        let s = parse_metrics(text).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(metric_sum(&s, "x", &[("volume", "v")]), 3.0);
+        assert_eq!(s[0].label("node"), Some("1"));
+        assert_eq!(metric_max(&s, "y", &[]), Some(1.5));
+        assert!(parse_metrics("x{a=\"1\" 3\n").is_err());
+        assert!(parse_metrics("x notanumber\n").is_err());
+        assert!(parse_metrics("# TYPE x weird\n").is_err());
     }
 }

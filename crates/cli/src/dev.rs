@@ -198,6 +198,7 @@ struct DevNodeJson<'a> {
     admin: &'a str,
     nbd: &'a str,
     unix_socket: &'a str,
+    metrics: &'a str,
     data_dir: &'a str,
     log: &'a str,
     argv: &'a [String],
@@ -652,6 +653,7 @@ fn print_ready(cluster: &Cluster, volume: &Volume) -> anyhow::Result<()> {
                 admin: &n.plan.admin,
                 nbd: &n.plan.nbd,
                 unix_socket: &n.plan.unix_socket,
+                metrics: &n.plan.metrics,
                 data_dir: &n.plan.data_dir,
                 log: &n.plan.log,
                 argv: &n.plan.argv,
@@ -948,6 +950,7 @@ mod tests {
                 admin: &plan.admin,
                 nbd: &plan.nbd,
                 unix_socket: &plan.unix_socket,
+                metrics: &plan.metrics,
                 data_dir: &plan.data_dir,
                 log: &plan.log,
                 argv: &plan.argv,
@@ -958,7 +961,7 @@ mod tests {
         .expect("serialize");
         assert_eq!(
             line,
-            r#"{"nodes":[{"id":1,"pid":4242,"admin":"127.0.0.1:7101","nbd":"127.0.0.1:10801","unix_socket":"/d/node-1/nbd.sock","data_dir":"/d/node-1/data","log":"/d/node-1/triremed.log","argv":["/bin/triremed","--config","/d/node-1/triremed.toml"]}],"volume":"vol0","nbd_uri":"nbd://127.0.0.1:10801/vol0"}"#
+            r#"{"nodes":[{"id":1,"pid":4242,"admin":"127.0.0.1:7101","nbd":"127.0.0.1:10801","unix_socket":"/d/node-1/nbd.sock","metrics":"127.0.0.1:7301","data_dir":"/d/node-1/data","log":"/d/node-1/triremed.log","argv":["/bin/triremed","--config","/d/node-1/triremed.toml"]}],"volume":"vol0","nbd_uri":"nbd://127.0.0.1:10801/vol0"}"#
         );
     }
 

@@ -22,12 +22,12 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trireme_proto::v1::{
-    AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, GetNodeRequest, GetVolumeRequest,
-    ListVolumesRequest, ResizeVolumeRequest, Volume,
+    AttachVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest, GetClusterStatusRequest, GetNodeRequest,
+    GetVolumeRequest, ListVolumesRequest, ResizeVolumeRequest, Volume,
 };
 
 use crate::admin::status_error;
-use crate::output::{DeletedJson, NodeJson, VolumeJson, VolumeListJson, json_line};
+use crate::output::{ClusterStatusJson, DeletedJson, NodeJson, VolumeJson, VolumeListJson, json_line};
 
 /// Administer Trireme replicated block storage through a triremed admin
 /// listener, or run a local development cluster.
@@ -74,6 +74,9 @@ enum Command {
     /// Inspect the node answering on --admin.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The whole cluster's health.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Local development cluster.
     #[command(subcommand)]
     Dev(DevCommand),
@@ -96,6 +99,13 @@ enum VolumeCommand {
     List,
     /// Show one volume's details and replicas.
     Info {
+        /// Volume name.
+        name: String,
+    },
+    /// Replication health of one volume: replicas in sync, each replica's
+    /// lag in entries, bytes and time, and the RPO exposure (the age of the
+    /// oldest acknowledged write some replica lacks).
+    Status {
         /// Volume name.
         name: String,
     },
@@ -128,6 +138,13 @@ enum VolumeCommand {
         #[arg(long, value_name = "ID", value_parser = node_id_arg)]
         node: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes up or down, and every volume's replication health and RPO
+    /// exposure, troubled volumes first.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +266,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cluster(ClusterCommand::Status) => {
+            let status = admin::node_client(addr)
+                .await?
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", json_line(&ClusterStatusJson::from(&status))?);
+            } else {
+                print!("{}", output::cluster_status_human(&status));
+            }
+            Ok(())
+        }
         Command::Dev(DevCommand::Up(up)) => {
             dev::up(dev::DevUpArgs {
                 nodes: up.nodes,
@@ -303,6 +334,21 @@ async fn volume(addr: &str, json: bool, cmd: VolumeCommand) -> anyhow::Result<()
                 .into_inner()
                 .volume;
             print_volume(json, volume, "", "")
+        }
+        VolumeCommand::Status { name } => {
+            let volume = client
+                .get_volume(GetVolumeRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .volume
+                .ok_or_else(|| anyhow::anyhow!("the server's reply carries no volume"))?;
+            if json {
+                println!("{}", json_line(&VolumeJson::from(&volume))?);
+            } else {
+                print!("{}", output::volume_status_human(&volume));
+            }
+            Ok(())
         }
         VolumeCommand::Delete { name, force } => {
             client

@@ -3,7 +3,7 @@
 //! the generated proto types) and the human layout.
 
 use serde::Serialize;
-use trireme_proto::v1::{GetNodeResponse, Replica, Volume};
+use trireme_proto::v1::{GetClusterStatusResponse, GetNodeResponse, Replica, Volume};
 
 use crate::size::{bytes_and_human, human_size};
 
@@ -24,6 +24,11 @@ pub struct VolumeJson {
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    pub rpo_exposure_seconds: f64,
+    pub replicas_in_sync: u32,
+    pub last_failover_pause_seconds: f64,
+    pub leader_changes: u64,
+    pub hibernating: bool,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -34,6 +39,7 @@ pub struct ReplicaJson {
     pub match_index: u64,
     pub lag_entries: u64,
     pub lag_bytes: u64,
+    pub lag_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +71,7 @@ impl From<&Replica> for ReplicaJson {
             match_index: r.match_index,
             lag_entries: r.lag_entries,
             lag_bytes: r.lag_bytes,
+            lag_seconds: r.lag_seconds,
         }
     }
 }
@@ -87,6 +94,11 @@ impl From<&Volume> for VolumeJson {
             term: v.term,
             commit_index: v.commit_index,
             applied_index: v.applied_index,
+            rpo_exposure_seconds: v.rpo_exposure_seconds,
+            replicas_in_sync: v.replicas_in_sync,
+            last_failover_pause_seconds: v.last_failover_pause_seconds,
+            leader_changes: v.leader_changes,
+            hibernating: v.hibernating,
         }
     }
 }
@@ -280,6 +292,7 @@ mod tests {
                     match_index: 120,
                     lag_entries: 0,
                     lag_bytes: 0,
+                    lag_seconds: 0.0,
                 },
                 Replica {
                     node_id: 2,
@@ -288,6 +301,7 @@ mod tests {
                     match_index: 120,
                     lag_entries: 0,
                     lag_bytes: 0,
+                    lag_seconds: 0.0,
                 },
                 Replica {
                     node_id: 3,
@@ -296,6 +310,7 @@ mod tests {
                     match_index: 100,
                     lag_entries: 20,
                     lag_bytes: 1536 << 10,
+                    lag_seconds: 0.25,
                 },
             ],
             open_sessions: 2,
@@ -307,6 +322,11 @@ mod tests {
             term: 7,
             commit_index: 120,
             applied_index: 119,
+            rpo_exposure_seconds: 0.25,
+            replicas_in_sync: 2,
+            last_failover_pause_seconds: 1.5,
+            leader_changes: 3,
+            hibernating: false,
         }
     }
 
@@ -321,11 +341,11 @@ mod tests {
             "leader": 1,
             "replicas": [
                 {"node_id": 1, "role": "leader", "state": "healthy",
-                 "match_index": 120, "lag_entries": 0, "lag_bytes": 0},
+                 "match_index": 120, "lag_entries": 0, "lag_bytes": 0, "lag_seconds": 0.0},
                 {"node_id": 2, "role": "follower", "state": "healthy",
-                 "match_index": 120, "lag_entries": 0, "lag_bytes": 0},
+                 "match_index": 120, "lag_entries": 0, "lag_bytes": 0, "lag_seconds": 0.0},
                 {"node_id": 3, "role": "follower", "state": "catching-up",
-                 "match_index": 100, "lag_entries": 20, "lag_bytes": 1572864},
+                 "match_index": 100, "lag_entries": 20, "lag_bytes": 1572864, "lag_seconds": 0.25},
             ],
             "open_sessions": 2,
             "created_at_unix_s": 1709294400u64,
@@ -336,8 +356,83 @@ mod tests {
             "term": 7,
             "commit_index": 120,
             "applied_index": 119,
+            "rpo_exposure_seconds": 0.25,
+            "replicas_in_sync": 2,
+            "last_failover_pause_seconds": 1.5,
+            "leader_changes": 3,
+            "hibernating": false,
         });
         assert_eq!(value, want);
+    }
+
+    #[test]
+    fn volume_status_shows_the_slis() {
+        let text = volume_status_human(&sample_volume());
+        assert!(text.contains("health:           degraded"), "{text}");
+        assert!(text.contains("replicas in sync: 2 of 3"), "{text}");
+        assert!(text.contains("rpo exposure:     250 ms"), "{text}");
+        assert!(text.contains("last failover:    1.5 s"), "{text}");
+        assert!(
+            text.contains("3     follower  catching-up  20            1.5 MiB     250 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn cluster_status_lists_trouble_first() {
+        use trireme_proto::v1::{ClusterNode, VolumeHealth};
+        let c = GetClusterStatusResponse {
+            answered_by: 1,
+            nodes: vec![
+                ClusterNode {
+                    node_id: 1,
+                    address: "127.0.0.1:1".into(),
+                    state: "up".into(),
+                },
+                ClusterNode {
+                    node_id: 2,
+                    address: "127.0.0.1:2".into(),
+                    state: "down".into(),
+                },
+            ],
+            volumes: vec![
+                VolumeHealth {
+                    name: "a".into(),
+                    leader: 1,
+                    replica_count: 3,
+                    replicas_in_sync: 3,
+                    state: "healthy".into(),
+                    ..Default::default()
+                },
+                VolumeHealth {
+                    name: "b".into(),
+                    leader: 1,
+                    replica_count: 3,
+                    replicas_in_sync: 2,
+                    rpo_exposure_seconds: 4.0,
+                    state: "degraded".into(),
+                    ..Default::default()
+                },
+            ],
+            under_replicated: 1,
+            unavailable: 0,
+            max_rpo_exposure_seconds: 4.0,
+        };
+        let text = cluster_status_human(&c);
+        let row = |name: &str| {
+            text.lines()
+                .position(|l| l.split_whitespace().next() == Some(name))
+                .unwrap_or_else(|| panic!("no row for {name}: {text}"))
+        };
+        assert!(row("b") < row("a"), "trouble first: {text}");
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["2", "127.0.0.1:2", "down"]),
+            "{text}"
+        );
+        assert!(text.contains("max rpo exposure: 4.0 s"), "{text}");
+        let json = serde_json::to_value(ClusterStatusJson::from(&c)).expect("json");
+        assert_eq!(json["volumes"][1]["state"], "degraded");
     }
 
     #[test]
@@ -431,4 +526,167 @@ mod tests {
         assert_eq!(unix_time_human(86_399), "1970-01-01 23:59:59 UTC");
         assert_eq!(unix_time_human(0), "unknown");
     }
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ClusterNodeJson {
+    pub node_id: u64,
+    pub address: String,
+    pub state: String,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct VolumeHealthJson {
+    pub name: String,
+    pub leader: u64,
+    pub replica_count: u32,
+    pub replicas_in_sync: u32,
+    pub rpo_exposure_seconds: f64,
+    pub state: String,
+    pub last_failover_pause_seconds: f64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ClusterStatusJson {
+    pub answered_by: u64,
+    pub nodes: Vec<ClusterNodeJson>,
+    pub volumes: Vec<VolumeHealthJson>,
+    pub under_replicated: u32,
+    pub unavailable: u32,
+    pub max_rpo_exposure_seconds: f64,
+}
+
+impl From<&GetClusterStatusResponse> for ClusterStatusJson {
+    fn from(c: &GetClusterStatusResponse) -> Self {
+        Self {
+            answered_by: c.answered_by,
+            nodes: c
+                .nodes
+                .iter()
+                .map(|n| ClusterNodeJson {
+                    node_id: n.node_id,
+                    address: n.address.clone(),
+                    state: n.state.clone(),
+                })
+                .collect(),
+            volumes: c
+                .volumes
+                .iter()
+                .map(|v| VolumeHealthJson {
+                    name: v.name.clone(),
+                    leader: v.leader,
+                    replica_count: v.replica_count,
+                    replicas_in_sync: v.replicas_in_sync,
+                    rpo_exposure_seconds: v.rpo_exposure_seconds,
+                    state: v.state.clone(),
+                    last_failover_pause_seconds: v.last_failover_pause_seconds,
+                })
+                .collect(),
+            under_replicated: c.under_replicated,
+            unavailable: c.unavailable,
+            max_rpo_exposure_seconds: c.max_rpo_exposure_seconds,
+        }
+    }
+}
+
+/// Seconds with a unit a person reads at a glance: "0 s" when in sync.
+fn seconds_human(s: f64) -> String {
+    if s <= 0.0 {
+        "0 s".to_owned()
+    } else if s < 1.0 {
+        format!("{:.0} ms", s * 1000.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// `volume status`: the replication SLIs of one volume.
+pub fn volume_status_human(v: &Volume) -> String {
+    let in_sync = format!("{} of {}", v.replicas_in_sync, v.replica_count);
+    let health = if v.leader == 0 {
+        "unavailable (no leader)"
+    } else if v.replicas.iter().any(|r| r.state == "snapshot") {
+        "rebuilding"
+    } else if v.replicas_in_sync < v.replica_count {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let mut out = key_values(&[
+        ("name", v.name.clone()),
+        ("health", health.to_owned()),
+        ("leader", node_text(v.leader)),
+        ("replicas in sync", in_sync),
+        ("rpo exposure", seconds_human(v.rpo_exposure_seconds)),
+        ("last failover", seconds_human(v.last_failover_pause_seconds)),
+        ("leader changes", v.leader_changes.to_string()),
+        ("commit index", v.commit_index.to_string()),
+        (
+            "idle",
+            if v.hibernating { "yes (hibernating)" } else { "no" }.to_owned(),
+        ),
+    ]);
+    if !v.replicas.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = v
+            .replicas
+            .iter()
+            .map(|r| {
+                vec![
+                    r.node_id.to_string(),
+                    r.role.clone(),
+                    r.state.clone(),
+                    r.lag_entries.to_string(),
+                    human_size(r.lag_bytes),
+                    seconds_human(r.lag_seconds),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["NODE", "ROLE", "STATE", "LAG(entries)", "LAG(bytes)", "LAG(time)"],
+            &rows,
+        ));
+    }
+    out
+}
+
+/// `cluster status`: nodes, then volumes that need attention first.
+pub fn cluster_status_human(c: &GetClusterStatusResponse) -> String {
+    let mut out = key_values(&[
+        ("answered by", node_text(c.answered_by)),
+        ("volumes", c.volumes.len().to_string()),
+        ("under-replicated", c.under_replicated.to_string()),
+        ("unavailable", c.unavailable.to_string()),
+        ("max rpo exposure", seconds_human(c.max_rpo_exposure_seconds)),
+    ]);
+    out.push('\n');
+    let nodes: Vec<Vec<String>> = c
+        .nodes
+        .iter()
+        .map(|n| vec![n.node_id.to_string(), n.address.clone(), n.state.clone()])
+        .collect();
+    out.push_str(&table(&["NODE", "PEER ADDRESS", "STATE"], &nodes));
+    if !c.volumes.is_empty() {
+        out.push('\n');
+        let mut vols: Vec<_> = c.volumes.iter().collect();
+        // Trouble first, then by name.
+        vols.sort_by_key(|v| (v.state == "healthy", v.name.clone()));
+        let rows: Vec<Vec<String>> = vols
+            .iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    v.state.clone(),
+                    node_text(v.leader),
+                    format!("{}/{}", v.replicas_in_sync, v.replica_count),
+                    seconds_human(v.rpo_exposure_seconds),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["VOLUME", "HEALTH", "LEADER", "IN SYNC", "RPO EXPOSURE"],
+            &rows,
+        ));
+    }
+    out
 }

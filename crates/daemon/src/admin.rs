@@ -18,8 +18,9 @@ pub struct VolumeApi {
     pub node_id: u64,
 }
 
-/// Per-replica rows from the leader's view of the group.
-fn replicas(meta_replicas: &[u64], leader: Option<&GroupStatus>) -> Vec<pb::Replica> {
+/// Per-replica rows from the leader's view of the group; `down`: nodes the
+/// answering node has not heard from lately.
+fn replicas(meta_replicas: &[u64], leader: Option<&GroupStatus>, down: &[u64]) -> Vec<pb::Replica> {
     meta_replicas
         .iter()
         .map(|&node_id| {
@@ -44,11 +45,17 @@ fn replicas(meta_replicas: &[u64], leader: Option<&GroupStatus>) -> Vec<pb::Repl
                 .find(|(id, _)| *id == node_id)
                 .map(|(_, b)| *b)
                 .unwrap_or(0);
+            let lag_seconds = s
+                .lag_seconds
+                .iter()
+                .find(|(id, _)| *id == node_id)
+                .map(|(_, x)| *x)
+                .unwrap_or(0.0);
             let (role, state) = if node_id == s.leader {
                 ("leader", "healthy")
             } else if pstate == "snapshot" {
                 ("follower", "snapshot")
-            } else if pstate == "inactive" {
+            } else if pstate == "inactive" || down.contains(&node_id) {
                 ("follower", "down")
             } else if lag_entries > 0 {
                 ("follower", "catching-up")
@@ -62,13 +69,14 @@ fn replicas(meta_replicas: &[u64], leader: Option<&GroupStatus>) -> Vec<pb::Repl
                 match_index: if node_id == s.leader { s.last_index } else { matched },
                 lag_entries: if node_id == s.leader { 0 } else { lag_entries },
                 lag_bytes: if node_id == s.leader { 0 } else { lag_bytes },
+                lag_seconds: if node_id == s.leader { 0.0 } else { lag_seconds },
             }
         })
         .collect()
 }
 
 /// `detailed`: ask the leader for replica progress (one round trip).
-async fn to_proto(v: &Volume, detailed: bool) -> pb::Volume {
+async fn to_proto(v: &Volume, detailed: bool, down: &[u64]) -> pb::Volume {
     let m = v.meta();
     let local = v.local_status();
     let leader_view = if detailed {
@@ -86,7 +94,7 @@ async fn to_proto(v: &Volume, detailed: bool) -> pb::Volume {
         size_bytes: v.size_bytes(),
         replica_count: m.replica_count,
         leader: seen.map(|s| s.leader).unwrap_or(0),
-        replicas: replicas(&m.replicas, leader_view.as_ref()),
+        replicas: replicas(&m.replicas, leader_view.as_ref(), down),
         open_sessions: v.open_sessions(),
         created_at_unix_s: m.created_at_unix_s,
         durability: "quorum-fsync".into(),
@@ -96,6 +104,11 @@ async fn to_proto(v: &Volume, detailed: bool) -> pb::Volume {
         term: seen.map(|s| s.term).unwrap_or(0),
         commit_index: seen.map(|s| s.commit_index).unwrap_or(0),
         applied_index: local.as_ref().map(|s| s.applied_index).unwrap_or(0),
+        rpo_exposure_seconds: leader_view.as_ref().map(|s| s.rpo_exposure_s).unwrap_or(0.0),
+        replicas_in_sync: leader_view.as_ref().map(|s| s.replicas_in_sync as u32).unwrap_or(0),
+        last_failover_pause_seconds: leader_view.as_ref().map(|s| s.failover_pause_s).unwrap_or(0.0),
+        leader_changes: leader_view.as_ref().map(|s| s.leader_changes).unwrap_or(0),
+        hibernating: leader_view.as_ref().is_some_and(|s| s.hibernating),
     }
 }
 
@@ -108,7 +121,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let r = req.into_inner();
         let v = self.catalog.create(&r.name, r.size_bytes, r.replica_count).await?;
         Ok(Response::new(pb::CreateVolumeResponse {
-            volume: Some(to_proto(&v, false).await),
+            volume: Some(to_proto(&v, false, &self.catalog.down_nodes()).await),
         }))
     }
 
@@ -127,7 +140,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let mut volumes = Vec::new();
         for v in self.catalog.list() {
-            volumes.push(to_proto(&v, false).await);
+            volumes.push(to_proto(&v, false, &self.catalog.down_nodes()).await);
         }
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
@@ -135,7 +148,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
         let v = self.catalog.get(&req.into_inner().name)?;
         Ok(Response::new(pb::GetVolumeResponse {
-            volume: Some(to_proto(&v, true).await),
+            volume: Some(to_proto(&v, true, &self.catalog.down_nodes()).await),
         }))
     }
 
@@ -146,7 +159,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let r = req.into_inner();
         let v = self.catalog.resize(&r.name, r.new_size_bytes).await?;
         Ok(Response::new(pb::ResizeVolumeResponse {
-            volume: Some(to_proto(&v, false).await),
+            volume: Some(to_proto(&v, false, &self.catalog.down_nodes()).await),
         }))
     }
 
@@ -188,12 +201,13 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         Ok(Response::new(pb::AttachVolumeResponse {
-            volume: Some(to_proto(&v, true).await),
+            volume: Some(to_proto(&v, true, &self.catalog.down_nodes()).await),
         }))
     }
 }
 
 pub struct NodeApi {
+    pub catalog: Arc<Catalog>,
     pub node_id: u64,
     pub cluster_id: String,
     pub nbd_address: String,
@@ -211,6 +225,75 @@ impl pb::node_service_server::NodeService for NodeApi {
             nbd_unix_socket: self.nbd_unix_socket.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: self.started.elapsed().as_secs(),
+        }))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _req: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+        let down = self.catalog.down_nodes();
+        let nodes = self
+            .catalog
+            .nodes()
+            .into_iter()
+            .map(|(node_id, addr)| pb::ClusterNode {
+                node_id,
+                address: addr.to_string(),
+                state: if down.contains(&node_id) { "down" } else { "up" }.into(),
+            })
+            .collect();
+        let mut volumes = Vec::new();
+        for v in self.catalog.list() {
+            let m = v.meta();
+            let local = v.local_status();
+            let view = match local {
+                Some(s) if s.role == "leader" => Some(s),
+                _ => v.leader_status().await,
+            };
+            let health = match &view {
+                None => pb::VolumeHealth {
+                    name: m.name.clone(),
+                    replica_count: m.replica_count,
+                    state: "unavailable".into(),
+                    ..Default::default()
+                },
+                Some(s) => {
+                    let rebuilding = s.progress.iter().any(|(_, _, st)| *st == "snapshot");
+                    let in_sync = s.replicas_in_sync as u32;
+                    pb::VolumeHealth {
+                        name: m.name.clone(),
+                        leader: s.leader,
+                        replica_count: m.replica_count,
+                        replicas_in_sync: in_sync,
+                        rpo_exposure_seconds: s.rpo_exposure_s,
+                        state: if rebuilding {
+                            "rebuilding"
+                        } else if in_sync < m.replica_count {
+                            "degraded"
+                        } else {
+                            "healthy"
+                        }
+                        .into(),
+                        last_failover_pause_seconds: s.failover_pause_s,
+                    }
+                }
+            };
+            volumes.push(health);
+        }
+        let under_replicated = volumes
+            .iter()
+            .filter(|v| v.state != "unavailable" && v.replicas_in_sync < v.replica_count)
+            .count() as u32;
+        let unavailable = volumes.iter().filter(|v| v.state == "unavailable").count() as u32;
+        let max_rpo_exposure_seconds = volumes.iter().map(|v| v.rpo_exposure_seconds).fold(0.0, f64::max);
+        Ok(Response::new(pb::GetClusterStatusResponse {
+            answered_by: self.node_id,
+            nodes,
+            volumes,
+            under_replicated,
+            unavailable,
+            max_rpo_exposure_seconds,
         }))
     }
 }

@@ -325,6 +325,16 @@ impl Catalog {
         self.node_id
     }
 
+    /// Every cluster node and its peer address, ascending.
+    pub fn nodes(&self) -> Vec<(u64, SocketAddr)> {
+        self.nodes.iter().map(|(id, a)| (*id, *a)).collect()
+    }
+
+    /// Peer nodes this node has not heard from lately.
+    pub fn down_nodes(&self) -> Vec<u64> {
+        self.liveness.down_peers()
+    }
+
     pub fn is_node(&self, id: u64) -> bool {
         self.nodes.contains_key(&id)
     }
@@ -467,6 +477,7 @@ impl Catalog {
             log: self.log_writer.clone(),
             recovering: mode == StartMode::Rebuild,
             liveness: self.liveness.clone(),
+            replica_count: u64::from(meta.replica_count),
         });
         self.groups
             .write()

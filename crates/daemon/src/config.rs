@@ -61,12 +61,25 @@ pub struct AdminConfig {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Prometheus /metrics address; no endpoint when unset.
-    #[serde(default)]
+    /// Prometheus /metrics address, 127.0.0.1:7300 by default; "" turns
+    /// the endpoint off.
+    #[serde(default = "default_metrics_listen")]
     pub listen: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> Option<String> {
+    Some("127.0.0.1:7300".into())
 }
 
 /// The nodes of the cluster and how they reach each other.
@@ -248,7 +261,7 @@ impl Config {
         }
         parse_addr("nbd.listen", &self.nbd.listen)?;
         parse_addr("admin.listen", &self.admin.listen)?;
-        if let Some(m) = &self.metrics.listen {
+        if let Some(m) = self.metrics.listen.as_deref().filter(|m| !m.is_empty()) {
             parse_addr("metrics.listen", m)?;
         }
         if let Some(s) = &self.nbd.unix_socket {
@@ -341,6 +354,7 @@ impl Config {
         self.metrics
             .listen
             .as_deref()
+            .filter(|m| !m.is_empty())
             .map(|m| parse_addr("metrics.listen", m).expect("validated in Config::load"))
     }
 }
@@ -368,6 +382,13 @@ mod tests {
         assert_eq!(c.node_id, 3);
         assert_eq!(c.nbd.listen, "127.0.0.1:10809");
         assert_eq!(c.admin.listen, "127.0.0.1:7100");
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:7300".parse().expect("addr")));
+        let off = load_str("node_id = 3\ndata_dir = \"/tmp/x\"\n[metrics]\nlisten = \"\"\n").expect("valid");
+        assert_eq!(
+            off.metrics_addr(),
+            None,
+            "an empty metrics.listen turns the endpoint off"
+        );
     }
 
     #[test]
@@ -407,7 +428,7 @@ mod tests {
     fn the_documented_example_config_is_valid() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/triremed.toml");
         let c = Config::load(Some(&p), &Overrides::default()).expect("deploy/triremed.toml must stay valid");
-        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9100"));
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:7300"));
     }
 
     #[test]

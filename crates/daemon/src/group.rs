@@ -21,6 +21,7 @@ use trireme_transport::Transport;
 
 use crate::liveness::Liveness;
 use crate::logwriter::{LogJob, LogWriter};
+use crate::telemetry::{FollowerSample, GroupMetrics, GroupSample, IndexClock};
 
 /// One Raft tick; elections take 10-20 ticks (1-2 s), heartbeats 2.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -39,7 +40,9 @@ const MAX_RETAINED_ENTRIES: u64 = 200_000;
 /// Hibernation: an idle group stops ticking, so a thousand idle volumes
 /// cost no timer wake-ups and no per-group heartbeats (node liveness stands
 /// in for them). A leader hibernates after this many ticks with no client
-/// request and every live follower holding its whole log...
+/// request and every follower holding its whole log (a lagging or dead
+/// follower keeps it awake: its RPO exposure must keep ageing in the
+/// metrics, and the leader must keep trying to reach it)...
 const LEADER_IDLE_TICKS: u32 = 30;
 /// ...and a follower after this many ticks without a word from its leader
 /// (more than the 2-tick heartbeat, less than the 10-tick election
@@ -67,6 +70,9 @@ pub enum GroupEvent {
         epoch: u64,
         op: VolumeOp,
         reply: Reply<u64>,
+        /// The client request's tracing span, so its proposal and commit
+        /// show up under it (disabled, and free, below debug level).
+        span: tracing::Span,
     },
     Read {
         offset: u64,
@@ -122,6 +128,20 @@ pub struct GroupStatus {
     /// Idle: not ticking until a request, a peer message or a node going
     /// down wakes it.
     pub hibernating: bool,
+    /// Leader only: age of the oldest acknowledged write that some replica
+    /// lacks (0: every replica holds every acknowledged write).
+    pub rpo_exposure_s: f64,
+    /// Leader only: replicas holding every acknowledged write.
+    pub replicas_in_sync: u64,
+    /// Leader only: per follower, age of the oldest acknowledged entry it lacks.
+    pub lag_seconds: Vec<(u64, f64)>,
+    /// The I/O pause of the last leader change this replica won.
+    pub failover_pause_s: f64,
+    /// Leader changes this replica has seen since it started.
+    pub leader_changes: u64,
+    /// A snapshot copy under way: (bytes copied, volume bytes).
+    pub rebuild_progress: Option<(u64, u64)>,
+    pub recovering: bool,
 }
 
 #[derive(Clone)]
@@ -156,7 +176,13 @@ impl GroupHandle {
 
     pub async fn write(&self, epoch: u64, op: VolumeOp) -> Result<u64, GroupError> {
         let (reply, rx) = oneshot::channel();
-        self.send(GroupEvent::Write { epoch, op, reply }).await?;
+        self.send(GroupEvent::Write {
+            epoch,
+            op,
+            reply,
+            span: tracing::Span::current(),
+        })
+        .await?;
         rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
     }
 
@@ -187,6 +213,12 @@ impl GroupHandle {
         self.send(ev).await?;
         rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
     }
+}
+
+struct PendingWrite {
+    reply: Reply<u64>,
+    proposed: Instant,
+    span: tracing::Span,
 }
 
 struct PendingRead {
@@ -237,8 +269,8 @@ struct Driver {
     tx: mpsc::Sender<GroupEvent>,
     status: Arc<Mutex<GroupStatus>>,
     next_token: u64,
-    writes: HashMap<u64, Reply<u64>>,
-    parked: VecDeque<(u64, VolumeOp, Reply<u64>)>,
+    writes: HashMap<u64, PendingWrite>,
+    parked: VecDeque<(u64, VolumeOp, Reply<u64>, tracing::Span)>,
     reads: BTreeMap<u64, PendingRead>,
     destaging: bool,
     destaged_index: u64,
@@ -246,6 +278,19 @@ struct Driver {
     liveness: Arc<Liveness>,
     hibernating: bool,
     election_heard: bool,
+    metrics: GroupMetrics,
+    /// Leader only: when recent indexes were proposed (RPO and lag ages).
+    clock: IndexClock,
+    replica_count: u64,
+    /// The leader as of the last turn, and the last non-zero one.
+    known_leader: u64,
+    previous_leader: u64,
+    /// Last message from the current leader (failover pause estimate).
+    last_leader_contact: Option<Instant>,
+    failover_pause_s: f64,
+    leader_changes: u64,
+    /// Bytes copied by the snapshot copy under way.
+    rebuild_copied: Arc<std::sync::atomic::AtomicU64>,
     /// Ticks since the last sign of activity (see `note_activity`).
     quiet_ticks: u32,
 }
@@ -265,6 +310,8 @@ pub struct GroupSetup {
     /// until it has caught up.
     pub recovering: bool,
     pub liveness: Arc<Liveness>,
+    /// Replicas the volume is configured with.
+    pub replica_count: u64,
 }
 
 /// Starts the driver task of a local replica.
@@ -272,6 +319,7 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let status = Arc::new(Mutex::new(GroupStatus::default()));
     let group_id = setup.group_id;
+    let setup_volume = setup.volume.clone();
     let driver = Driver {
         group_id,
         volume: setup.volume,
@@ -298,6 +346,15 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         liveness: setup.liveness,
         hibernating: false,
         election_heard: false,
+        metrics: GroupMetrics::new(&setup_volume),
+        clock: IndexClock::default(),
+        replica_count: setup.replica_count,
+        known_leader: 0,
+        previous_leader: 0,
+        last_leader_contact: None,
+        failover_pause_s: 0.0,
+        leader_changes: 0,
+        rebuild_copied: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         quiet_ticks: 0,
     };
     tokio::spawn(driver.run(rx));
@@ -360,7 +417,8 @@ impl Driver {
                 match m.get_msg_type() {
                     MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => self.election_heard = true,
                     MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot => {
-                        self.election_heard = false
+                        self.election_heard = false;
+                        self.last_leader_contact = Some(Instant::now());
                     }
                     _ => {}
                 }
@@ -385,7 +443,7 @@ impl Driver {
 
     /// Whether this group may stop ticking. Only ever true in a settled
     /// state: nothing in flight, everything applied and destaged, and (as
-    /// leader) every live follower holding the whole log, (as follower) a
+    /// leader) every follower holding the whole log, (as follower) a
     /// leader on a live node that has gone quiet.
     fn may_hibernate(&self) -> bool {
         let settled = self.writes.is_empty()
@@ -407,11 +465,7 @@ impl Driver {
             let last = self.replica.last_index();
             self.quiet_ticks >= LEADER_IDLE_TICKS
                 && self.replica.commit_index() == last
-                && self
-                    .replica
-                    .progress()
-                    .iter()
-                    .all(|(id, matched, _)| *matched == last || !self.liveness.is_alive(*id))
+                && self.replica.progress().iter().all(|(_, matched, _)| *matched == last)
         } else {
             leader != 0
                 && !self.election_heard
@@ -465,7 +519,7 @@ impl Driver {
                     debug!(group = self.group_id, "dropped a raft message: {e}");
                 }
             }
-            GroupEvent::Write { epoch, op, reply } => self.propose(epoch, op, reply),
+            GroupEvent::Write { epoch, op, reply, span } => self.propose(epoch, op, reply, span),
             GroupEvent::Read { offset, length, reply } => {
                 if self.installing.is_some() {
                     let _ = reply.send(Err(GroupError::Retry("replica is installing a snapshot".into())));
@@ -522,11 +576,23 @@ impl Driver {
         }
     }
 
-    fn propose(&mut self, epoch: u64, op: VolumeOp, reply: Reply<u64>) {
+    fn propose(&mut self, epoch: u64, op: VolumeOp, reply: Reply<u64>, span: tracing::Span) {
         let token = self.token();
         match self.replica.propose(token, epoch, op.clone()) {
             Ok(()) => {
-                self.writes.insert(token, reply);
+                let now = Instant::now();
+                let index = self.replica.last_index();
+                debug!(parent: &span, group = self.group_id, index, "proposed");
+                self.clock.record(index, now);
+                self.metrics.proposals.increment(1);
+                self.writes.insert(
+                    token,
+                    PendingWrite {
+                        reply,
+                        proposed: now,
+                        span,
+                    },
+                );
             }
             Err(ProposeError::NotLeader { leader_hint }) => {
                 let _ = reply.send(Err(GroupError::NotLeader(leader_hint)));
@@ -541,7 +607,7 @@ impl Driver {
                 if self.parked.len() >= MAX_PARKED_WRITES {
                     let _ = reply.send(Err(GroupError::Retry("write-back cache full".into())));
                 } else {
-                    self.parked.push_back((epoch, op, reply));
+                    self.parked.push_back((epoch, op, reply, span));
                     self.start_destage();
                 }
             }
@@ -583,6 +649,8 @@ impl Driver {
         if self.may_hibernate() {
             debug!(group = self.group_id, volume = %self.volume, "hibernating");
             self.hibernating = true;
+            self.publish(true);
+            return;
         }
         self.publish(true);
     }
@@ -612,7 +680,41 @@ impl Driver {
         if self.replica.state().cache.bytes() >= DESTAGE_THRESHOLD_BYTES {
             self.start_destage();
         }
+        self.note_leader();
         self.publish(false);
+    }
+
+    /// Counts leader changes and, when this replica takes over from
+    /// another, estimates the I/O pause: from when the old leader was last
+    /// heard (in this group, or its node at all, whichever is later) to now.
+    fn note_leader(&mut self) {
+        let leader = self.replica.leader_id();
+        if leader == self.known_leader {
+            return;
+        }
+        self.known_leader = leader;
+        if leader == 0 {
+            return;
+        }
+        self.leader_changes += 1;
+        self.metrics.leader_changes.increment(1);
+        let old = std::mem::replace(&mut self.previous_leader, leader);
+        if leader == self.replica.id() {
+            let now = Instant::now();
+            // Entries before this term are aged from now on.
+            self.clock.record(self.replica.commit_index() + 1, now);
+            if old != 0 && old != leader {
+                let heard = [self.last_leader_contact, self.liveness.last_heard(old)]
+                    .into_iter()
+                    .flatten()
+                    .max();
+                if let Some(t) = heard {
+                    self.failover_pause_s = now.saturating_duration_since(t).as_secs_f64();
+                    self.metrics.failover_pause.set(self.failover_pause_s);
+                    info!(group = self.group_id, volume = %self.volume, from = old, pause_ms = (self.failover_pause_s * 1000.0) as u64, "took over leadership");
+                }
+            }
+        }
     }
 
     fn dispatch(&mut self, out: Output) {
@@ -623,11 +725,13 @@ impl Driver {
                 // The snapshot message only carries the point to copy from; the
                 // follower pulls the data itself, so it is "sent" once queued.
                 self.replica.report_snapshot(to, true);
+                self.metrics.snapshot_sends.increment(1);
             }
         }
         let mut persist = out.persist;
         if let Some((index, term)) = out.install {
             info!(group = self.group_id, volume = %self.volume, index, term, "installing a snapshot from the leader");
+            self.metrics.snapshot_receives.increment(1);
             // The Ready's log write (which carries the snapshot) is held
             // until the copy is done: see on_installed.
             self.installing = Some(Install {
@@ -642,6 +746,15 @@ impl Driver {
             }
         }
         if let Some(task) = persist {
+            if let (Some(first), Some(last)) = (task.entries.first(), task.entries.last()) {
+                debug!(
+                    group = self.group_id,
+                    number = task.number,
+                    first = first.index,
+                    last = last.index,
+                    "log write submitted"
+                );
+            }
             let write = GroupWrite {
                 group: self.group_id,
                 entries: task.entries,
@@ -664,7 +777,9 @@ impl Driver {
             self.log_write(write);
         }
         for c in out.completions {
-            if let Some(reply) = self.writes.remove(&c.token) {
+            if let Some(PendingWrite { reply, proposed, span }) = self.writes.remove(&c.token) {
+                self.metrics.commit_duration.record(proposed.elapsed().as_secs_f64());
+                debug!(parent: &span, group = self.group_id, result = ?c.result, "committed and applied");
                 let r = match c.result {
                     Ok(index) => Ok(index),
                     Err(ApplyError::Fenced {
@@ -692,10 +807,14 @@ impl Driver {
         }
         if let Some((role, leader)) = out.role {
             info!(group = self.group_id, volume = %self.volume, ?role, leader, term = self.replica.term(), "role changed");
+            if matches!(role, StateRole::Candidate | StateRole::PreCandidate) {
+                self.metrics.elections.increment(1);
+            }
             if role != StateRole::Leader {
+                self.clock.clear();
                 // Parked writes would wait for a destage that may never free
                 // room here; let the router find the new leader.
-                for (_, _, reply) in self.parked.drain(..) {
+                for (_, _, reply, _) in self.parked.drain(..) {
                     let _ = reply.send(Err(GroupError::NotLeader(leader)));
                 }
             }
@@ -779,9 +898,11 @@ impl Driver {
         let volume = self.volume.clone();
         let leader = self.replica.leader_id();
         let group = self.group_id;
+        let copied = self.rebuild_copied.clone();
+        copied.store(0, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = copy_from_leader(&transport, leader, &volume, index, &store).await;
+            let result = copy_from_leader(&transport, leader, &volume, index, &store, &copied).await;
             match &result {
                 Ok(_) => {
                     info!(group, volume = %volume, index, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot copied")
@@ -857,6 +978,7 @@ impl Driver {
     /// The install's log write is durable: raft may go on, and volume.state
     /// may now say the image holds the snapshot point.
     fn on_persisted(&mut self, number: u64) {
+        debug!(group = self.group_id, number, "log write durable");
         self.replica.on_persisted(number);
         if let Some((n, state)) = self.install_persist
             && number >= n
@@ -889,6 +1011,7 @@ impl Driver {
             // The image is not trustworthy any more; the log still holds
             // every entry, so stop destaging and keep serving from the log.
             warn!(group = self.group_id, volume = %self.volume, "destage failed, log kept: {e}");
+            self.metrics.destage_errors.increment(1);
             return;
         }
         self.replica.on_destaged(index);
@@ -916,17 +1039,43 @@ impl Driver {
         self.log_write(write);
         // Room again: retry parked writes in order.
         let parked: Vec<_> = self.parked.drain(..).collect();
-        for (epoch, op, reply) in parked {
-            self.propose(epoch, op, reply);
+        for (epoch, op, reply, span) in parked {
+            self.propose(epoch, op, reply, span);
         }
     }
 
     /// `with_lag`: also re-measure each follower's lag in bytes, a scan of
     /// the log kept to the tick rather than every turn of the loop.
-    fn publish(&self, with_lag: bool) {
-        let st = self.replica.state();
+    fn publish(&mut self, with_lag: bool) {
         let last = self.replica.last_index();
+        let commit = self.replica.commit_index();
         let progress = self.replica.progress();
+        let now = Instant::now();
+        // RPO: the slowest replica's first missing acknowledged entry.
+        let min_match = progress.iter().map(|(_, m, _)| *m).min().unwrap_or(commit);
+        let rpo_exposure_s = if min_match >= commit {
+            0.0
+        } else {
+            self.clock.age_s(min_match + 1, now)
+        };
+        let replicas_in_sync = progress.iter().filter(|(_, m, _)| *m >= commit).count() as u64;
+        let lag_seconds: Vec<(u64, f64)> = progress
+            .iter()
+            .map(|(id, m, _)| {
+                (
+                    *id,
+                    if *m >= commit {
+                        0.0
+                    } else {
+                        self.clock.age_s(m + 1, now)
+                    },
+                )
+            })
+            .collect();
+        if self.replica.is_leader() {
+            self.clock.prune(min_match);
+        }
+        let st = self.replica.state();
         let lag_bytes: Option<Vec<(u64, u64)>> = with_lag.then(|| {
             progress
                 .iter()
@@ -956,6 +1105,67 @@ impl Driver {
         }
         s.progress = progress;
         s.hibernating = self.hibernating;
+        s.rpo_exposure_s = rpo_exposure_s;
+        s.replicas_in_sync = replicas_in_sync;
+        s.lag_seconds = lag_seconds;
+        s.failover_pause_s = self.failover_pause_s;
+        s.leader_changes = self.leader_changes;
+        s.recovering = self.recovering;
+        s.rebuild_progress = self.installing.as_ref().map(|_| {
+            (
+                self.rebuild_copied.load(std::sync::atomic::Ordering::Relaxed),
+                self.store.len_bytes().unwrap_or(0),
+            )
+        });
+        if !with_lag {
+            return;
+        }
+        // Gauges at tick rate (and on hibernating), not every turn.
+        let followers: Vec<FollowerSample> = if self.replica.is_leader() {
+            s.progress
+                .iter()
+                .filter(|(id, _, _)| *id != self.replica.id())
+                .map(|(id, m, pst)| FollowerSample {
+                    node: *id,
+                    lag_entries: last.saturating_sub(*m),
+                    lag_bytes: s.lag_bytes.iter().find(|(i, _)| i == id).map(|(_, b)| *b).unwrap_or(0),
+                    lag_seconds: s
+                        .lag_seconds
+                        .iter()
+                        .find(|(i, _)| i == id)
+                        .map(|(_, x)| *x)
+                        .unwrap_or(0.0),
+                    state: if !self.liveness.is_alive(*id) || *pst == "inactive" {
+                        "down"
+                    } else {
+                        match *pst {
+                            "replicate" => "replicating",
+                            "snapshot" => "snapshot",
+                            _ => "probing",
+                        }
+                    },
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let sample = GroupSample {
+            term: s.term,
+            leader: s.leader,
+            is_leader: self.replica.is_leader(),
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            rpo_exposure_s,
+            replicas_in_sync,
+            replicas: self.replica_count,
+            cache_dirty_bytes: s.cache_bytes,
+            cache_limit_bytes: self.replica.max_cache_bytes(),
+            destage_lag_entries: s.applied_index.saturating_sub(self.destaged_index),
+            hibernating: self.hibernating,
+            followers: &followers,
+        };
+        drop(s);
+        self.metrics.publish(&sample);
     }
 }
 
@@ -967,7 +1177,9 @@ async fn copy_from_leader(
     volume: &str,
     index: u64,
     store: &UringStore,
+    copied: &std::sync::atomic::AtomicU64,
 ) -> Result<(u64, u64), String> {
+    let received_bytes = metrics::counter!("trireme_snapshot_received_bytes_total", "volume" => volume.to_string());
     use crate::volume::{fwd_code, fwd_op};
     use trireme_transport::ForwardRequest;
     if leader == 0 {
@@ -1025,6 +1237,8 @@ async fn copy_from_leader(
         };
         r.map_err(|e| e.to_string())?;
         offset += length;
+        copied.store(offset, std::sync::atomic::Ordering::Relaxed);
+        received_bytes.increment(length);
     }
     store.sync().await.map_err(|e| e.to_string())?;
     let reply = transport

@@ -16,6 +16,7 @@ pub mod liveness;
 pub mod logwriter;
 pub mod node;
 pub mod peer;
+pub mod telemetry;
 pub mod volume;
 
 pub use config::{Config, Overrides};

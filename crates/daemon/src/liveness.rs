@@ -66,6 +66,16 @@ impl Liveness {
         node == self.node_id || self.lock().get(&node).is_some_and(|p| p.alive)
     }
 
+    /// When `node` was last heard from (None: never, or not a peer).
+    pub fn last_heard(&self, node: u64) -> Option<Instant> {
+        self.lock().get(&node).and_then(|p| p.last_heard)
+    }
+
+    /// Every peer and whether it is up, ascending.
+    pub fn peers(&self) -> Vec<(u64, bool)> {
+        self.lock().iter().map(|(id, p)| (*id, p.alive)).collect()
+    }
+
     /// Peers currently down, ascending.
     pub fn down_peers(&self) -> Vec<u64> {
         self.lock()

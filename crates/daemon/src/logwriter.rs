@@ -71,6 +71,13 @@ impl LogWriter {
 }
 
 fn run(store: Arc<dyn RaftLogStore>, transport: Transport, rx: std_mpsc::Receiver<LogJob>) {
+    let sync_duration = metrics::histogram!("trireme_log_sync_duration_seconds");
+    let batch_entries = metrics::histogram!("trireme_log_batch_entries");
+    let batch_groups = metrics::histogram!("trireme_log_batch_groups");
+    let batch_bytes = metrics::histogram!("trireme_log_batch_bytes");
+    let appended_entries = metrics::counter!("trireme_log_appended_entries_total");
+    let appended_bytes = metrics::counter!("trireme_log_appended_bytes_total");
+    let batches = metrics::counter!("trireme_log_batches_total");
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut bytes: usize = jobs[0].write.entries.iter().map(|e| e.data.len()).sum();
@@ -84,8 +91,20 @@ fn run(store: Arc<dyn RaftLogStore>, transport: Transport, rx: std_mpsc::Receive
             }
         }
         let groups: Vec<u64> = jobs.iter().map(|j| j.write.group).collect();
+        let entries: usize = jobs.iter().map(|j| j.write.entries.len()).sum();
         let batch: Vec<GroupWrite> = jobs.iter_mut().map(|j| std::mem::take(&mut j.write)).collect();
-        if let Err(e) = store.write_batch(batch) {
+        let started = std::time::Instant::now();
+        let result = store.write_batch(batch);
+        // One write and one fdatasync for the whole batch.
+        sync_duration.record(started.elapsed().as_secs_f64());
+        batches.increment(1);
+        batch_entries.record(entries as f64);
+        batch_groups.record(groups.len() as f64);
+        batch_bytes.record(bytes as f64);
+        appended_entries.increment(entries as u64);
+        appended_bytes.increment(bytes as u64);
+        if let Err(e) = result {
+            metrics::counter!("trireme_disk_errors_total", "kind" => "log_write").increment(1);
             // DESIGN.md: an I/O error on the log is fatal for the replica; the
             // log is node-wide, so the node stops and its replicas are rebuilt
             // elsewhere. Limping on could acknowledge what is not durable.

@@ -25,6 +25,7 @@ use crate::error::{DaemonError, Result};
 use crate::liveness::Liveness;
 use crate::logwriter::LogWriter;
 use crate::peer::{self, PeerApi};
+use crate::telemetry;
 use trireme_raftlog::{EngineLog, RaftLogStore};
 use trireme_transport::{Transport, TransportConfig};
 
@@ -126,6 +127,12 @@ impl Node {
     pub async fn start(config: Config) -> Result<Node> {
         let started = Instant::now();
         let (data_dir, lock) = prepare_data_dir(&config)?;
+        // Before anything makes metric handles (the log writer, every
+        // replica): a handle binds to the recorder installed at its creation.
+        if let Some(addr) = config.metrics_addr() {
+            telemetry::install(addr, config.node_id)
+                .map_err(|e| DaemonError::io(format!("starting metrics.listen {addr}"), std::io::Error::other(e)))?;
+        }
         let engine = IoEngine::start()?;
         let log_dir = data_dir.join("raft-log");
         let log: Arc<dyn RaftLogStore> = Arc::new(EngineLog::open(&log_dir).map_err(|e| DaemonError::DataDir {
@@ -174,6 +181,11 @@ impl Node {
             inbound,
         ));
         tokio::spawn(liveness.clone().run(transport.clone()));
+        tokio::spawn(telemetry::run_node_gauges(
+            catalog.clone(),
+            liveness.clone(),
+            log_dir.clone(),
+        ));
 
         let nbd_addr = config.nbd_addr();
         let tcp = TcpListener::bind(nbd_addr)
@@ -184,12 +196,6 @@ impl Node {
         let admin_listener = TcpListener::bind(admin_addr)
             .await
             .map_err(|e| DaemonError::io(format!("binding admin.listen {admin_addr}"), e))?;
-        if let Some(addr) = config.metrics_addr() {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(addr)
-                .install()
-                .map_err(|e| DaemonError::io(format!("starting metrics.listen {addr}"), std::io::Error::other(e)))?;
-        }
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut peer_server = None;
@@ -232,6 +238,7 @@ impl Node {
             node_id: config.node_id,
         };
         let node_api = NodeApi {
+            catalog: catalog.clone(),
             node_id: config.node_id,
             cluster_id: config.cluster_id.clone(),
             nbd_address: nbd_addr.to_string(),

@@ -134,6 +134,11 @@ impl Volume {
         self.open_sessions.load(Ordering::SeqCst)
     }
 
+    /// Bytes of this node's image actually allocated on disk.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.local.as_ref().map(|l| l.store.allocated_bytes()).unwrap_or(0)
+    }
+
     pub fn local_status(&self) -> Option<GroupStatus> {
         self.local.as_ref().map(|l| l.group.status())
     }
@@ -254,9 +259,14 @@ impl Volume {
                 // For READ_LOCAL the epoch field carries the index the copy needs.
                 let local_min = (req.op == fwd_op::READ_LOCAL).then_some(req.epoch);
                 let segments = group.read(req.offset, req.length, local_min).await?;
-                materialize(&local.store, segments, req.length)
+                let data = materialize(&local.store, segments, req.length)
                     .await
-                    .map_err(GroupError::Failed)
+                    .map_err(GroupError::Failed)?;
+                if local_min.is_some() {
+                    metrics::counter!("trireme_snapshot_sent_bytes_total", "volume" => req.volume.clone())
+                        .increment(data.len() as u64);
+                }
+                Ok(data)
             }
             fwd_op::EPOCH_AT => {
                 let (epoch, attached) = group.epoch_at(req.offset).await?;
@@ -349,13 +359,22 @@ pub fn status_json(s: &GroupStatus) -> Vec<u8> {
         .iter()
         .map(|(id, m, st)| {
             let lag_bytes = s.lag_bytes.iter().find(|(i, _)| i == id).map(|(_, b)| *b).unwrap_or(0);
-            serde_json::json!({"node": id, "match": m, "state": st, "lag_bytes": lag_bytes})
+            let lag_s = s
+                .lag_seconds
+                .iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, x)| *x)
+                .unwrap_or(0.0);
+            serde_json::json!({"node": id, "match": m, "state": st, "lag_bytes": lag_bytes, "lag_s": lag_s})
         })
         .collect();
     serde_json::to_vec(&serde_json::json!({
         "role": s.role, "leader": s.leader, "term": s.term, "commit": s.commit_index,
         "applied": s.applied_index, "last": s.last_index, "epoch": s.epoch,
         "attached": s.attached_node, "progress": progress,
+        "rpo_exposure_s": s.rpo_exposure_s, "in_sync": s.replicas_in_sync,
+        "failover_pause_s": s.failover_pause_s, "leader_changes": s.leader_changes,
+        "hibernating": s.hibernating,
     }))
     .unwrap_or_default()
 }
@@ -372,6 +391,11 @@ fn parse_status_json(b: &[u8]) -> Option<GroupStatus> {
         last_index: n("last"),
         epoch: n("epoch"),
         attached_node: n("attached"),
+        rpo_exposure_s: v.get("rpo_exposure_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+        replicas_in_sync: n("in_sync"),
+        failover_pause_s: v.get("failover_pause_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+        leader_changes: n("leader_changes"),
+        hibernating: v.get("hibernating").and_then(|x| x.as_bool()).unwrap_or(false),
         ..GroupStatus::default()
     };
     for p in v.get("progress")?.as_array()? {
@@ -385,6 +409,8 @@ fn parse_status_json(b: &[u8]) -> Option<GroupStatus> {
         s.progress.push((id, p.get("match")?.as_u64()?, state));
         s.lag_bytes
             .push((id, p.get("lag_bytes").and_then(|x| x.as_u64()).unwrap_or(0)));
+        s.lag_seconds
+            .push((id, p.get("lag_s").and_then(|x| x.as_f64()).unwrap_or(0.0)));
     }
     Some(s)
 }

@@ -142,6 +142,20 @@ impl Errno {
     pub fn as_u32(self) -> u32 {
         self as u32
     }
+
+    /// The lower-case errno name, for metric labels and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Errno::Perm => "eperm",
+            Errno::Io => "eio",
+            Errno::NoMem => "enomem",
+            Errno::Inval => "einval",
+            Errno::NoSpc => "enospc",
+            Errno::Overflow => "eoverflow",
+            Errno::NotSup => "enotsup",
+            Errno::Shutdown => "eshutdown",
+        }
+    }
 }
 
 /// A frame that breaks the protocol so badly that the connection cannot

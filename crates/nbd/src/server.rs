@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::codec::{self, ClientOption, Errno, Request, SessionLimits, opt, rep, tflag};
 use crate::{BlockDevice, DeviceError, ExportRegistry, OpenedExport};
@@ -369,6 +369,9 @@ impl<R: ExportRegistry> Server<R> {
         let mut shutdown = self.shutdown.clone();
         let mut revoked = export.revoked.clone();
         let device = export.device;
+        let io_metrics = Arc::new(IoMetrics::new(&export.info.name));
+        io_metrics.sessions.increment(1.0);
+        let volume = export.info.name.clone();
         let mut header = [0u8; codec::REQUEST_HEADER_LEN];
         let outcome: Result<(), ConnectionEnd> = loop {
             let read = tokio::select! {
@@ -440,18 +443,39 @@ impl<R: ExportRegistry> Server<R> {
             };
             let device = device.clone();
             let tx = tx.clone();
-            tokio::spawn(async move {
-                let result = execute(&*device, request, payload).await;
-                let reply = Reply {
-                    handle: h.handle,
-                    offset: h.offset,
-                    result,
-                    _permits: Some((rp, bp)),
-                };
-                // The writer only goes away when the client is gone.
-                let _ = tx.send(reply).await;
-            });
+            let io_metrics = io_metrics.clone();
+            // One span per request at debug level: the device's proposal,
+            // log write and commit events nest under it.
+            let span = tracing::debug_span!("nbd_request", volume = %volume, handle = h.handle, op = command_name(&request), offset = h.offset, length = h.length);
+            tokio::spawn(
+                async move {
+                    let op = io_metrics.op(&request);
+                    op.inflight.increment(1.0);
+                    let started = std::time::Instant::now();
+                    let result = execute(&*device, request, payload).await;
+                    op.inflight.decrement(1.0);
+                    op.requests.increment(1);
+                    op.duration.record(started.elapsed().as_secs_f64());
+                    match &result {
+                        Ok(_) => op.bytes.increment(request_bytes(&request)),
+                        Err(e) => {
+                            metrics::counter!("trireme_io_errors_total", "volume" => io_metrics.volume.clone(), "op" => command_name(&request), "kind" => e.errno.name()).increment(1);
+                        }
+                    }
+                    debug!(ok = result.is_ok(), elapsed_us = started.elapsed().as_micros() as u64, "replied");
+                    let reply = Reply {
+                        handle: h.handle,
+                        offset: h.offset,
+                        result,
+                        _permits: Some((rp, bp)),
+                    };
+                    // The writer only goes away when the client is gone.
+                    let _ = tx.send(reply).await;
+                }
+                .instrument(span),
+            );
         };
+        io_metrics.sessions.decrement(1.0);
         drop(tx);
         // Every request already read gets its reply before the socket closes.
         match writer.await {
@@ -485,12 +509,70 @@ fn command_name(r: &Request) -> &'static str {
         Request::Flush => "flush",
         Request::Trim { .. } => "trim",
         Request::Cache { .. } => "cache",
-        Request::WriteZeroes { .. } => "write_zeroes",
+        Request::WriteZeroes { .. } => "zero",
+    }
+}
+
+/// Bytes a request moves or affects, for `trireme_io_bytes_total`.
+fn request_bytes(r: &Request) -> u64 {
+    match r {
+        Request::Read { length, .. }
+        | Request::Write { length, .. }
+        | Request::Trim { length, .. }
+        | Request::Cache { length, .. }
+        | Request::WriteZeroes { length, .. } => u64::from(*length),
+        Request::Flush | Request::Disconnect => 0,
+    }
+}
+
+/// The I/O series of one operation on one export.
+struct OpMetrics {
+    requests: metrics::Counter,
+    bytes: metrics::Counter,
+    duration: metrics::Histogram,
+    inflight: metrics::Gauge,
+}
+
+/// Per-session handles to the export's I/O series, made once per session
+/// so a request costs no label lookup.
+struct IoMetrics {
+    volume: String,
+    sessions: metrics::Gauge,
+    /// read, write, flush, trim, zero, cache.
+    ops: [OpMetrics; 6],
+}
+
+impl IoMetrics {
+    const OPS: [&'static str; 6] = ["read", "write", "flush", "trim", "zero", "cache"];
+
+    fn new(volume: &str) -> IoMetrics {
+        let ops = Self::OPS.map(|op| OpMetrics {
+            requests: metrics::counter!("trireme_io_requests_total", "volume" => volume.to_string(), "op" => op),
+            bytes: metrics::counter!("trireme_io_bytes_total", "volume" => volume.to_string(), "op" => op),
+            duration: metrics::histogram!("trireme_io_request_duration_seconds", "volume" => volume.to_string(), "op" => op),
+            inflight: metrics::gauge!("trireme_io_inflight_requests", "volume" => volume.to_string(), "op" => op),
+        });
+        IoMetrics {
+            volume: volume.to_string(),
+            sessions: metrics::gauge!("trireme_nbd_sessions", "volume" => volume.to_string()),
+            ops,
+        }
+    }
+
+    fn op(&self, r: &Request) -> &OpMetrics {
+        let i = match r {
+            Request::Read { .. } => 0,
+            Request::Write { .. } => 1,
+            Request::Flush | Request::Disconnect => 2,
+            Request::Trim { .. } => 3,
+            Request::WriteZeroes { .. } => 4,
+            Request::Cache { .. } => 5,
+        };
+        &self.ops[i]
     }
 }
 
 async fn execute<D: BlockDevice>(device: &D, request: Request, payload: Bytes) -> Result<Option<Bytes>, DeviceError> {
-    metrics::counter!("trireme_nbd_requests_total", "command" => command_name(&request)).increment(1);
     // Zero-length requests are "unspecified" in the spec; treat them as no-ops.
     let result = match request {
         Request::Read { length: 0, .. } => Ok(None),
@@ -502,13 +584,11 @@ async fn execute<D: BlockDevice>(device: &D, request: Request, payload: Bytes) -
                     format!("device returned {} bytes for a {length}-byte read", data.len()),
                 ));
             }
-            metrics::counter!("trireme_nbd_read_bytes_total").increment(u64::from(length));
             Ok(Some(data))
         }
         Request::Write { length: 0, .. } => Ok(None),
-        Request::Write { offset, length, fua } => {
+        Request::Write { offset, fua, .. } => {
             device.write(offset, payload, fua).await?;
-            metrics::counter!("trireme_nbd_write_bytes_total").increment(u64::from(length));
             Ok(None)
         }
         Request::Flush => device.flush().await.map(|()| None),
@@ -528,7 +608,6 @@ async fn execute<D: BlockDevice>(device: &D, request: Request, payload: Bytes) -
         Request::Disconnect => Ok(None),
     };
     if let Err(e) = &result {
-        metrics::counter!("trireme_nbd_request_errors_total", "command" => command_name(&request)).increment(1);
         debug!("{} failed: {e}", command_name(&request));
     }
     result

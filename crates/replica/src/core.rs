@@ -277,6 +277,10 @@ impl Replica {
     pub fn applied_index(&self) -> u64 {
         self.state.applied_index
     }
+    /// The write-back cache's bound.
+    pub fn max_cache_bytes(&self) -> u64 {
+        self.max_cache_bytes
+    }
     pub fn commit_index(&self) -> u64 {
         self.node.raft.raft_log.committed
     }
