@@ -484,6 +484,7 @@ impl Driver {
             write,
             number: None,
             messages_after: Vec::new(),
+            must_sync: true,
             notify: self.tx.clone(),
         });
     }
@@ -766,6 +767,7 @@ impl Driver {
                 write,
                 number: Some(task.number),
                 messages_after: task.messages_after,
+                must_sync: task.must_sync || out.conf_state.is_some(),
                 notify: self.tx.clone(),
             });
         } else if let Some(cs) = out.conf_state.clone().filter(|_| self.installing.is_none()) {
@@ -970,6 +972,7 @@ impl Driver {
                 write,
                 number: Some(task.number),
                 messages_after: task.messages_after,
+                must_sync: true,
                 notify: self.tx.clone(),
             });
         }

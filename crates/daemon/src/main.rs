@@ -97,6 +97,7 @@ fn main() -> ExitCode {
             .init(),
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("triremed")
@@ -127,4 +128,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.shutdown().await.context("shutting down")?;
     Ok(())
+}
+
+/// Every volume holds its image open, so a node with a thousand volumes
+/// needs more than the usual soft limit of 1024 descriptors: raise the soft
+/// limit to the hard one (what systemd's LimitNOFILE sets).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(soft, hard, "could not raise the open files limit: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not read the open files limit: {e}"),
+    }
 }

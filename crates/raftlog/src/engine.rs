@@ -195,7 +195,8 @@ impl Drop for Guarded {
 }
 
 enum Op {
-    Write(Vec<GroupWrite>),
+    /// The writes, and whether they must be synced before the reply.
+    Write(Vec<GroupWrite>, bool),
     Remove(u64),
 }
 
@@ -295,12 +296,15 @@ impl Shared {
             return;
         }
         let mut lb = LogBatch::default();
+        // One synced write makes the whole round synced.
+        let mut must_sync = false;
         let mut spans: HashMap<u64, Span> = HashMap::new();
         let mut accepted = Vec::with_capacity(jobs.len());
         let mut jobs = jobs.into_iter();
         while let Some(job) = jobs.next() {
             match job.op {
-                Op::Write(batch) => {
+                Op::Write(batch, sync) => {
+                    must_sync |= sync;
                     let staged = plan_batch(&batch, &mut spans, |g| self.span(g))
                         .and_then(|plans| encode_values(&batch).map(|values| (plans, values)));
                     match staged {
@@ -326,6 +330,7 @@ impl Shared {
                     }
                 }
                 Op::Remove(group) => {
+                    must_sync = true;
                     lb.add_command(group, Command::Clean);
                     spans.insert(group, None);
                     accepted.push(job.reply);
@@ -335,7 +340,7 @@ impl Shared {
         if accepted.is_empty() {
             return;
         }
-        let outcome = match catch_unwind(AssertUnwindSafe(|| self.engine.write(&mut lb, true))) {
+        let outcome = match catch_unwind(AssertUnwindSafe(|| self.engine.write(&mut lb, must_sync))) {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(panic) => {
@@ -589,7 +594,15 @@ impl RaftLogStore for EngineLog {
         if batch.iter().all(GroupWrite::is_empty) {
             return self.shared.check();
         }
-        self.submit(Op::Write(batch), bytes)
+        self.submit(Op::Write(batch, true), bytes)
+    }
+
+    fn write_batch_unsynced(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
+        let bytes = batch_bytes(&batch)?;
+        if batch.iter().all(GroupWrite::is_empty) {
+            return self.shared.check();
+        }
+        self.submit(Op::Write(batch, false), bytes)
     }
 
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {

@@ -101,6 +101,15 @@ pub trait RaftLogStore: Send + Sync + 'static {
     /// a gap, below the compacted index) stores none of the batch.
     fn write_batch(&self, batch: Vec<GroupWrite>) -> Result<(), LogError>;
 
+    /// Like [`RaftLogStore::write_batch`], without the fdatasync: the writes
+    /// become durable with the next synced write. Only for what Raft allows
+    /// to be lost in a crash (a HardState whose only change is the commit
+    /// index: raft-rs's `Ready::must_sync` is false). Stores that cannot
+    /// tell the difference sync anyway.
+    fn write_batch_unsynced(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
+        self.write_batch(batch)
+    }
+
     /// The group's durable state, or `None` if the log holds nothing of it.
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError>;
 
@@ -124,6 +133,9 @@ pub trait RaftLogStore: Send + Sync + 'static {
 impl<T: RaftLogStore + ?Sized> RaftLogStore for std::sync::Arc<T> {
     fn write_batch(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
         (**self).write_batch(batch)
+    }
+    fn write_batch_unsynced(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
+        (**self).write_batch_unsynced(batch)
     }
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {
         (**self).load(group)

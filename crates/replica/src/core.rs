@@ -94,6 +94,10 @@ pub struct PersistTask {
     /// Messages that may only leave once this task is durable (votes,
     /// append acknowledgements).
     pub messages_after: Vec<Message>,
+    /// False when raft allows the write to be lost in a crash (no entries,
+    /// no snapshot, a HardState whose term and vote are unchanged): it may
+    /// skip the fdatasync.
+    pub must_sync: bool,
 }
 
 impl PersistTask {
@@ -502,6 +506,7 @@ impl Replica {
                 hard_state,
                 snapshot,
                 messages_after,
+                must_sync: rd.must_sync(),
             });
         }
         self.node.advance_append_async(rd);
