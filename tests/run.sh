@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Runs every Trireme test on a fresh machine: installs the system packages the
-# integration tests drive (fio, libnbd-bin, qemu-utils, python3-libnbd) when
-# they are missing, then checks formatting and lints, builds the binaries the
-# tests start, and runs the unit and integration tests.
+# integration tests and benchmarks drive (fio, libnbd-bin, qemu-utils,
+# python3-libnbd, nbdkit, python3, and prometheus for promtool) when they are
+# missing, then checks formatting and lints, builds the binaries the tests
+# start, runs the unit and integration tests, and runs the benchmarks in quick
+# mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v fio >/dev/null || missing+=(fio)
 command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || missing+=(libnbd-bin)
-command -v qemu-io >/dev/null && command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v qemu-io >/dev/null && command -v qemu-img >/dev/null && command -v qemu-nbd >/dev/null || missing+=(qemu-utils)
+command -v nbdkit >/dev/null || missing+=(nbdkit)
+command -v python3 >/dev/null || missing+=(python3)
+# promtool checks the shipped alert rules (tests/tests/monitoring.rs).
+command -v promtool >/dev/null || missing+=(prometheus)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || missing+=(python3-libnbd)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]}"
@@ -31,3 +37,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+echo "== benchmarks (quick mode: checks they run; numbers are not asserted)"
+python3 benches/fio_compare.py --quick
+python3 benches/idle_scale.py --quick
