@@ -204,6 +204,8 @@ pub async fn run_node_gauges(
     let rebuilds = metrics::gauge!("trireme_rebuilds_in_progress");
     let hibernating = metrics::gauge!("trireme_groups_hibernating");
     let log_size = metrics::gauge!("trireme_log_size_bytes");
+    metrics::gauge!("trireme_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let process = ProcessGauges::new();
     let mut every = tokio::time::interval(NODE_GAUGES_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -241,6 +243,7 @@ pub async fn run_node_gauges(
         under_replicated.set(under as f64);
         rebuilds.set(rebuilding as f64);
         hibernating.set(idle as f64);
+        process.refresh();
         let dir = log_dir.clone();
         if let Ok(bytes) = tokio::task::spawn_blocking(move || dir_bytes(&dir)).await {
             log_size.set(bytes as f64);
@@ -249,6 +252,71 @@ pub async fn run_node_gauges(
 }
 
 pub const NODE_GAUGES_EVERY: Duration = Duration::from_secs(2);
+
+/// The process series every Prometheus client library exports (CPU,
+/// memory, descriptors, start time), read from /proc/self.
+struct ProcessGauges {
+    cpu_seconds: Counter,
+    resident_bytes: Gauge,
+    virtual_bytes: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    threads: Gauge,
+    start_time: Gauge,
+}
+
+impl ProcessGauges {
+    fn new() -> ProcessGauges {
+        let g = ProcessGauges {
+            cpu_seconds: metrics::counter!("process_cpu_seconds_total"),
+            resident_bytes: metrics::gauge!("process_resident_memory_bytes"),
+            virtual_bytes: metrics::gauge!("process_virtual_memory_bytes"),
+            open_fds: metrics::gauge!("process_open_fds"),
+            max_fds: metrics::gauge!("process_max_fds"),
+            threads: metrics::gauge!("process_threads"),
+            start_time: metrics::gauge!("process_start_time_seconds"),
+        };
+        if let Ok(since_epoch) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            // Close enough: the recorder starts with the process.
+            g.start_time.set(since_epoch.as_secs_f64());
+        }
+        g
+    }
+
+    fn refresh(&self) {
+        use nix::unistd::{SysconfVar, sysconf};
+        let conf = |v| sysconf(v).ok().flatten().filter(|x| *x > 0).unwrap_or(1) as f64;
+        let ticks = conf(SysconfVar::CLK_TCK);
+        let page = conf(SysconfVar::PAGE_SIZE);
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name, which is in parentheses.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            let num = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+            // state is field 3 (index 0 here): utime 14, stime 15, threads 20, vsize 23, rss 24.
+            if let (Some(u), Some(s)) = (num(11), num(12)) {
+                self.cpu_seconds.absolute(((u + s) / ticks) as u64);
+            }
+            if let Some(t) = num(17) {
+                self.threads.set(t);
+            }
+            if let Some(v) = num(20) {
+                self.virtual_bytes.set(v);
+            }
+            if let Some(r) = num(21) {
+                self.resident_bytes.set(r * page);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as f64);
+        }
+        if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+            self.max_fds.set(soft as f64);
+        }
+    }
+}
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
