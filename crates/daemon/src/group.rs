@@ -278,6 +278,9 @@ struct Driver {
     liveness: Arc<Liveness>,
     hibernating: bool,
     election_heard: bool,
+    /// A leader whose node liveness reported down, until a new leader is known.
+    dead_leader: Option<u64>,
+    last_campaign: Option<Instant>,
     metrics: GroupMetrics,
     /// Leader only: when recent indexes were proposed (RPO and lag ages).
     clock: IndexClock,
@@ -346,6 +349,8 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         liveness: setup.liveness,
         hibernating: false,
         election_heard: false,
+        dead_leader: None,
+        last_campaign: None,
         metrics: GroupMetrics::new(&setup_volume),
         clock: IndexClock::default(),
         replica_count: setup.replica_count,
@@ -377,7 +382,7 @@ impl Driver {
                 // A peer node went down or came back: a hibernating
                 // follower may have lost its leader, and a hibernating
                 // leader may have a follower to catch up.
-                _ = node_changes.changed(), if self.hibernating => self.wake("a peer node changed state"),
+                _ = node_changes.changed() => self.on_node_change(),
             }
             // Take whatever else is queued before polling, so one Ready
             // (one log write) covers a burst of proposals: group commit.
@@ -395,6 +400,81 @@ impl Driver {
             }
         }
         self.stop();
+    }
+
+    fn on_node_change(&mut self) {
+        if self.hibernating {
+            self.wake("a peer node changed state");
+        }
+        // The leader's node is gone: rather than wait out a randomized
+        // election timeout (1-2 s after its last heartbeat), the lowest-id
+        // live voter campaigns at once. Only one does, so the survivors do
+        // not split the vote; the others grant it (they are out of their
+        // leader lease by the time liveness gives up on a node, 1 s). If
+        // the leader is in fact alive and only cut off from us, pre-vote
+        // fails against voters that still hear it.
+        let leader = self.replica.leader_id();
+        if leader == 0
+            || self.replica.is_leader()
+            || self.liveness.is_alive(leader)
+            || self.recovering
+            || self.installing.is_some()
+            || self.install_persist.is_some()
+        {
+            return;
+        }
+        self.replica.expire_leader_lease();
+        self.retry_unconfirmed_reads("the leader's node is down");
+        self.dead_leader = Some(leader);
+        self.campaign_for_dead_leader();
+    }
+
+    /// Campaigns if the leader's node is down and this replica is the
+    /// lowest-id live voter. Repeated from the tick (every few ticks) until
+    /// someone leads: a voter whose own liveness noticed the death a moment
+    /// later may have refused the first try.
+    fn campaign_for_dead_leader(&mut self) {
+        let Some(dead) = self.dead_leader else { return };
+        let leader = self.replica.leader_id();
+        if self.replica.is_leader() || (leader != 0 && leader != dead) || self.liveness.is_alive(dead) {
+            self.dead_leader = None;
+            return;
+        }
+        if self.last_campaign.is_some_and(|t| t.elapsed() < 3 * TICK) {
+            return;
+        }
+        let me = self.replica.id();
+        let first_live = self
+            .replica
+            .voters()
+            .into_iter()
+            .find(|v| *v != dead && self.liveness.is_alive(*v));
+        if first_live == Some(me) {
+            info!(group = self.group_id, volume = %self.volume, leader = dead, "leader's node is down; campaigning");
+            self.last_campaign = Some(Instant::now());
+            if let Err(e) = self.replica.campaign() {
+                debug!(group = self.group_id, "campaign failed: {e}");
+            }
+        }
+    }
+
+    /// Answers every read still waiting for its ReadIndex with Retry.
+    fn retry_unconfirmed_reads(&mut self, why: &str) {
+        let waiting: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.index.is_none())
+            .map(|(t, _)| *t)
+            .collect();
+        for t in waiting {
+            if let Some(r) = self.reads.remove(&t) {
+                let _ = r
+                    .reply
+                    .send(Err(GroupError::Retry(format!("read index not confirmed: {why}"))));
+            }
+        }
+        self.read_batches.clear();
+        self.unindexed.clear();
     }
 
     fn wake(&mut self, why: &str) {
@@ -504,6 +584,14 @@ impl Driver {
                 {
                     // Same reason as in on_tick: no campaign mid-install.
                     return;
+                }
+                if matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                ) && self.replica.leader_id() != 0
+                    && !self.liveness.is_alive(self.replica.leader_id())
+                {
+                    self.replica.expire_leader_lease();
                 }
                 if self.recovering {
                     match m.get_msg_type() {
@@ -624,6 +712,7 @@ impl Driver {
         if self.installing.is_none() && self.install_persist.is_none() {
             self.replica.tick();
         }
+        self.campaign_for_dead_leader();
         let now = Instant::now();
         let expired: Vec<u64> = self
             .reads
@@ -694,6 +783,9 @@ impl Driver {
             return;
         }
         self.known_leader = leader;
+        // Raft drops ReadIndex requests in flight to a leader that is gone;
+        // their readers retry now rather than after READ_INDEX_TIMEOUT.
+        self.retry_unconfirmed_reads("the leader changed");
         if leader == 0 {
             return;
         }

@@ -375,6 +375,24 @@ impl Replica {
         self.node.tick();
     }
 
+    /// The leader's node is known dead: stop honouring its lease, so this
+    /// replica grants (pre-)votes at once instead of after a full election
+    /// timeout of its own ticks (a hibernating follower has not been
+    /// ticking). Safety does not rest on leases here: reads use ReadIndex.
+    pub fn expire_leader_lease(&mut self) {
+        let raft = &mut self.node.raft;
+        if raft.state != StateRole::Leader {
+            raft.election_elapsed = raft.election_elapsed.max(raft.election_timeout());
+        }
+    }
+
+    /// The group's voters, ascending.
+    pub fn voters(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.node.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn campaign(&mut self) -> Result<(), ProposeError> {
         self.node.campaign().map_err(|e| ProposeError::Raft(e.to_string()))
     }
