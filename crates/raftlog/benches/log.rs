@@ -12,6 +12,12 @@
 //! - `memlog`: `MemLog`, the in-memory store: the batch checks (`plan_batch`) and
 //!   bookkeeping alone, a floor for any store.
 //!
+//! - `direct_append` / `buffered_append`: the floor of a log of our own, for the
+//!   "raft-engine or an O_DIRECT log?" question: the same batch framed as crc32c-checked
+//!   records into one 4 KiB-aligned buffer, written at the tail of a preallocated file
+//!   with one pwrite (O_DIRECT, or through the page cache) and one fdatasync. No index,
+//!   no recovery, no purge: what such a log could cost at best on this disk.
+//!
 //! Why: group commit is what makes many volumes per node cheap; these numbers show what
 //! one round costs and how it scales with entries and groups per round.
 //!
@@ -141,6 +147,131 @@ fn write_batch(c: &mut Criterion) {
     }
 }
 
+/// A preallocated file written at its tail, O_DIRECT or buffered.
+struct AppendFile {
+    file: std::fs::File,
+    offset: u64,
+    _dir: TempDir,
+}
+
+const APPEND_FILE_BYTES: u64 = 64 << 20;
+const ALIGN: usize = 4096;
+
+impl AppendFile {
+    fn open(direct: bool) -> AppendFile {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("trireme-append-bench-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("creating the bench directory");
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true);
+        if direct {
+            opts.custom_flags(0o40000); // O_DIRECT on Linux x86-64 and aarch64
+        }
+        let file = opts.open(dir.path().join("log")).expect("opening the append file");
+        // Filled once so the appends overwrite allocated blocks, as in a
+        // recycled log segment (no extent allocation to journal at fdatasync).
+        let mut zeros = AlignedBuf::new(4 << 20);
+        let mut at = 0;
+        while at < APPEND_FILE_BYTES {
+            std::os::unix::fs::FileExt::write_all_at(&file, zeros.as_mut(), at).expect("filling the append file");
+            at += 4 << 20;
+        }
+        file.sync_all().expect("syncing the append file");
+        AppendFile {
+            file,
+            offset: 0,
+            _dir: dir,
+        }
+    }
+
+    /// Frames `writes` into `buf` (record: len u32, crc32c u32, group u64,
+    /// index u64, data), pads to 4 KiB, writes and fdatasyncs.
+    fn append(&mut self, writes: &[GroupWrite], buf: &mut AlignedBuf) {
+        use std::os::unix::fs::FileExt;
+        let mut n = 0;
+        for w in writes {
+            for e in &w.entries {
+                let len = 24 + e.data.len();
+                let rec = &mut buf.as_mut()[n..n + len];
+                rec[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+                rec[8..16].copy_from_slice(&w.group.to_le_bytes());
+                rec[16..24].copy_from_slice(&e.index.to_le_bytes());
+                rec[24..].copy_from_slice(&e.data);
+                let crc = crc32c::crc32c(&rec[8..]);
+                rec[4..8].copy_from_slice(&crc.to_le_bytes());
+                n += len;
+            }
+        }
+        let padded = n.div_ceil(ALIGN) * ALIGN;
+        if self.offset + padded as u64 > APPEND_FILE_BYTES {
+            self.offset = 0;
+        }
+        self.file
+            .write_all_at(&buf.as_mut()[..padded], self.offset)
+            .expect("appending");
+        self.file.sync_data().expect("fdatasync");
+        self.offset += padded as u64;
+    }
+}
+
+/// A zeroed buffer aligned to 4 KiB, as O_DIRECT needs.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(bytes: usize) -> AlignedBuf {
+        let layout = std::alloc::Layout::from_size_align(bytes.div_ceil(ALIGN) * ALIGN, ALIGN).expect("layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).expect("allocating");
+        AlignedBuf { ptr, layout }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr owns layout.size() initialised bytes for our lifetime.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+fn append_floor(c: &mut Criterion) {
+    let payload = Bytes::from((0..ENTRY_BYTES).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
+    for (name, direct) in [("direct_append", true), ("buffered_append", false)] {
+        let mut g = c.benchmark_group(name);
+        for groups in GROUPS {
+            for entries in ENTRIES {
+                g.throughput(Throughput::Bytes(groups * entries * ENTRY_BYTES as u64));
+                let id = BenchmarkId::from_parameter(format!("{groups}g_x_{entries}e"));
+                g.bench_function(id, |b| {
+                    b.iter_custom(|iters| {
+                        let mut file = AppendFile::open(direct);
+                        let mut buf = AlignedBuf::new((groups * entries) as usize * (ENTRY_BYTES + 24) + ALIGN);
+                        let mut next = vec![1u64; groups as usize];
+                        let mut spent = Duration::ZERO;
+                        for _ in 0..iters {
+                            let writes = batch(&mut next, entries, &payload);
+                            let start = Instant::now();
+                            file.append(black_box(&writes), &mut buf);
+                            spent += start.elapsed();
+                        }
+                        spent
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -151,6 +282,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = write_batch
+    targets = write_batch, append_floor
 }
 criterion_main!(benches);
