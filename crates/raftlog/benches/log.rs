@@ -5,6 +5,9 @@
 //!
 //! - `engine_disk`: `EngineLog` (raft-engine) in cargo's target tmp dir, on the build
 //!   disk: one write + one fdatasync per call, the real cost of acknowledging a write.
+//! - `engine_prefilled`: the same with `prefill_bytes` (raft-engine prefills empty files
+//!   for recycling), measured after the first 32 MiB file has filled, so the appends
+//!   overwrite written blocks of a recycled file.
 //! - `engine_tmpfs`: the same in /dev/shm, where fdatasync costs next to nothing. The
 //!   store always syncs (no API to skip it), so this is how the CPU side (planning,
 //!   encoding, raft-engine's batch and checksums, the hand-off to the writer thread,
@@ -40,6 +43,7 @@ const ENTRIES: [u64; 3] = [1, 8, 32];
 #[derive(Clone, Copy)]
 enum Backend {
     Disk,
+    DiskPrefilled,
     Tmpfs,
     Mem,
 }
@@ -48,6 +52,7 @@ impl Backend {
     fn name(self) -> &'static str {
         match self {
             Backend::Disk => "engine_disk",
+            Backend::DiskPrefilled => "engine_prefilled",
             Backend::Tmpfs => "engine_tmpfs",
             Backend::Mem => "memlog",
         }
@@ -61,20 +66,39 @@ struct Store {
 }
 
 fn open(backend: Backend) -> Store {
-    let engine_in = |parent: &Path| {
+    let engine_in = |parent: &Path, prefill_bytes: u64| {
         let dir = tempfile::Builder::new()
             .prefix("trireme-raftlog-bench-")
             .tempdir_in(parent)
             .expect("creating the bench log directory");
-        let log = EngineLog::open(dir.path().join("raft-log")).expect("opening the bench log");
+        let config = trireme_raftlog::EngineLogConfig {
+            prefill_bytes,
+            target_file_size: 32 << 20,
+            ..Default::default()
+        };
+        let log = EngineLog::open_with(dir.path().join("raft-log"), config).expect("opening the bench log");
         Store {
             log: Box::new(log),
             _dir: Some(dir),
         }
     };
     match backend {
-        Backend::Disk => engine_in(Path::new(env!("CARGO_TARGET_TMPDIR"))),
-        Backend::Tmpfs => engine_in(Path::new("/dev/shm")),
+        Backend::Disk => engine_in(Path::new(env!("CARGO_TARGET_TMPDIR")), 0),
+        Backend::DiskPrefilled => {
+            let store = engine_in(Path::new(env!("CARGO_TARGET_TMPDIR")), 64 << 20);
+            // Write past the first (new) file, so the timed appends go to a
+            // recycled one.
+            let chunk = Bytes::from(vec![7u8; 1 << 20]);
+            let mut next = [1u64];
+            for _ in 0..40 {
+                store
+                    .log
+                    .write_batch(batch(&mut next, 1, &chunk))
+                    .expect("filling the first file");
+            }
+            store
+        }
+        Backend::Tmpfs => engine_in(Path::new("/dev/shm"), 0),
         Backend::Mem => Store {
             log: Box::new(MemLog::new()),
             _dir: None,
@@ -113,7 +137,7 @@ fn batch(next: &mut [u64], entries: u64, payload: &Bytes) -> Vec<GroupWrite> {
 
 fn write_batch(c: &mut Criterion) {
     let payload = Bytes::from((0..ENTRY_BYTES).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
-    let mut backends = vec![Backend::Disk];
+    let mut backends = vec![Backend::Disk, Backend::DiskPrefilled];
     if Path::new("/dev/shm").is_dir() {
         backends.push(Backend::Tmpfs);
     } else {

@@ -58,6 +58,11 @@ pub struct EngineLogConfig {
     pub recovery_threads: usize,
     /// Verify every checksum of every file before opening (see `verify.rs`).
     pub verify_on_open: bool,
+    /// Bytes of empty log files to write at the first open, for raft-engine
+    /// to recycle: appends then overwrite written blocks instead of growing
+    /// a file (no allocation in the page cache or the file system). 0: off;
+    /// files are still recycled once purged.
+    pub prefill_bytes: u64,
 }
 
 impl Default for EngineLogConfig {
@@ -68,6 +73,7 @@ impl Default for EngineLogConfig {
             batch_compression_threshold: 0,
             recovery_threads: 2,
             verify_on_open: true,
+            prefill_bytes: 0,
         }
     }
 }
@@ -517,6 +523,8 @@ impl EngineLog {
             purge_threshold: ReadableSize(config.purge_threshold.max(config.target_file_size)),
             batch_compression_threshold: ReadableSize(config.batch_compression_threshold),
             recovery_threads: config.recovery_threads.max(1),
+            prefill_for_recycle: config.prefill_bytes > 0,
+            prefill_limit: (config.prefill_bytes > 0).then_some(ReadableSize(config.prefill_bytes)),
             ..Config::default()
         };
         let engine = match catch_unwind(AssertUnwindSafe(|| Engine::open_with_file_system(cfg, fs))) {
