@@ -18,10 +18,13 @@ use trireme_transport::Transport;
 
 /// How often a node heartbeats each peer.
 pub const NODE_HEARTBEAT: Duration = Duration::from_millis(200);
-/// A peer not heard from for this long is down. Below the Raft election
-/// timeout (1-2 s), so a hibernating follower notices a dead leader's node
-/// about as soon as an awake one would notice its dead leader.
-pub const NODE_DOWN_AFTER: Duration = Duration::from_millis(1000);
+/// A peer not heard from for this long is down: 3.5 heartbeats. Below the
+/// Raft election timeout (1-2 s after the last heartbeat), so the follower
+/// that campaigns on a dead leader's node (see the group driver) usually
+/// does so before any randomized election timeout fires elsewhere and
+/// splits the vote. A false "down" under load costs at most a failed
+/// pre-vote or a needless leader change, never safety.
+pub const NODE_DOWN_AFTER: Duration = Duration::from_millis(700);
 /// Raft group id reserved for node heartbeats.
 pub const NODE_GROUP: u64 = 0;
 

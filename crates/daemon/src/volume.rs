@@ -44,8 +44,11 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// One forwarded attempt; longer than any healthy request, shorter than
 /// waiting out a leader that stopped answering.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Retries while there is no leader back off from 20 ms to at most 200 ms:
+/// an election takes 0.7-1.5 s, and a longer step would add most of itself
+/// to every failover pause.
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// Forwarded-request operation codes (ForwardRequest.op), defined with the protocol.
 pub use trireme_transport::op as fwd_op;
