@@ -205,6 +205,13 @@ def build(skip):
         raise SystemExit(f"cargo build --release failed ({p.returncode}); see above")
 
 
+def write_json(path, doc):
+    """Writes a run's results where later runs can be compared with it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
 def git_info():
     def git(*args):
         try:
@@ -693,9 +700,7 @@ def main():
             raise SystemExit(f"trireme dev up exited ({dev.returncode}) during the run")
         doc["elapsed_s"] = time.monotonic() - started
         print_report(doc)
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_json(a.json, doc)
         print(f"\nresults written to {a.json} ({doc['elapsed_s']:.0f} s in all)")
     except (SystemExit, Exception):
         show_logs(base)

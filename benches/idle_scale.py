@@ -30,7 +30,7 @@ import time
 
 sys.dont_write_bytecode = True  # no benches/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_compare import (CLI, ROOT, Procs, build, dev_up, git_info, host_info, ignore_interrupts,  # noqa: E402
+from fio_compare import (CLI, ROOT, Procs, build, dev_up, git_info, host_info, ignore_interrupts, write_json,  # noqa: E402
                          log, show_logs, sigterm_to_interrupt)
 
 NODES = 3
@@ -214,9 +214,7 @@ def main():
                   f"{r['threads']} | {r['fds']} | {'PASS' if r['cpu_ok'] else 'MISS'} | "
                   f"{'PASS' if r['rss_ok'] else 'MISS'} |")
         print(f"\noverall: {'PASS' if not missed else 'MISS'}")
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=2)
+        write_json(a.json, doc)
         print(f"results written to {a.json} ({doc['elapsed_s']:.0f} s in all)")
     except (SystemExit, Exception):
         show_logs(base)

@@ -80,10 +80,7 @@ async fn to_proto(v: &Volume, detailed: bool, down: &[u64]) -> pb::Volume {
     let m = v.meta();
     let local = v.local_status();
     let leader_view = if detailed {
-        match &local {
-            Some(s) if s.role == "leader" => Some(s.clone()),
-            _ => v.leader_status().await,
-        }
+        v.leader_view().await
     } else {
         local.clone().filter(|s| s.role == "leader")
     };
@@ -98,7 +95,7 @@ async fn to_proto(v: &Volume, detailed: bool, down: &[u64]) -> pb::Volume {
         open_sessions: v.open_sessions(),
         created_at_unix_s: m.created_at_unix_s,
         durability: "quorum-fsync".into(),
-        allocated_bytes: v.local.as_ref().map(|l| l.store.allocated_bytes()).unwrap_or(0),
+        allocated_bytes: v.allocated_bytes(),
         epoch: seen.map(|s| s.epoch).unwrap_or(0),
         attached_node: seen.map(|s| s.attached_node).unwrap_or(0),
         term: seen.map(|s| s.term).unwrap_or(0),
@@ -246,12 +243,7 @@ impl pb::node_service_server::NodeService for NodeApi {
         let mut volumes = Vec::new();
         for v in self.catalog.list() {
             let m = v.meta();
-            let local = v.local_status();
-            let view = match local {
-                Some(s) if s.role == "leader" => Some(s),
-                _ => v.leader_status().await,
-            };
-            let health = match &view {
+            let health = match &v.leader_view().await {
                 None => pb::VolumeHealth {
                     name: m.name.clone(),
                     replica_count: m.replica_count,

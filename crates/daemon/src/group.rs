@@ -424,7 +424,7 @@ impl Driver {
             return;
         }
         self.replica.expire_leader_lease();
-        self.retry_unconfirmed_reads("the leader's node is down");
+        self.retry_unconfirmed_reads("read index not confirmed: the leader's node is down", |_| true);
         self.dead_leader = Some(leader);
         self.campaign_for_dead_leader();
     }
@@ -458,23 +458,24 @@ impl Driver {
         }
     }
 
-    /// Answers every read still waiting for its ReadIndex with Retry.
-    fn retry_unconfirmed_reads(&mut self, why: &str) {
-        let waiting: Vec<u64> = self
+    /// Answers the reads still waiting for their ReadIndex that `which`
+    /// picks with Retry, and forgets rounds no read waits for any more.
+    fn retry_unconfirmed_reads(&mut self, why: &str, which: impl Fn(&PendingRead) -> bool) {
+        let giving_up: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| r.index.is_none())
+            .filter(|(_, r)| r.index.is_none() && which(r))
             .map(|(t, _)| *t)
             .collect();
-        for t in waiting {
+        for t in giving_up {
             if let Some(r) = self.reads.remove(&t) {
-                let _ = r
-                    .reply
-                    .send(Err(GroupError::Retry(format!("read index not confirmed: {why}"))));
+                let _ = r.reply.send(Err(GroupError::Retry(why.to_string())));
             }
         }
-        self.read_batches.clear();
-        self.unindexed.clear();
+        let reads = &self.reads;
+        self.read_batches
+            .retain(|_, ts| ts.iter().any(|t| reads.contains_key(t)));
+        self.unindexed.retain(|t| reads.contains_key(t));
     }
 
     fn wake(&mut self, why: &str) {
@@ -714,23 +715,9 @@ impl Driver {
         }
         self.campaign_for_dead_leader();
         let now = Instant::now();
-        let expired: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| r.index.is_none() && now.duration_since(r.asked) > READ_INDEX_TIMEOUT)
-            .map(|(t, _)| *t)
-            .collect();
-        for t in expired {
-            if let Some(r) = self.reads.remove(&t) {
-                let _ = r
-                    .reply
-                    .send(Err(GroupError::Retry("read index not confirmed in time".into())));
-            }
-        }
-        // A round whose reads all gave up will never be needed.
-        let reads = &self.reads;
-        self.read_batches
-            .retain(|_, ts| ts.iter().any(|t| reads.contains_key(t)));
+        self.retry_unconfirmed_reads("read index not confirmed in time", |r| {
+            now.duration_since(r.asked) > READ_INDEX_TIMEOUT
+        });
         let cached = self.replica.state().cache.bytes();
         if cached > 0 && (cached >= DESTAGE_THRESHOLD_BYTES || self.last_destage.elapsed() >= DESTAGE_INTERVAL) {
             self.start_destage();
@@ -785,7 +772,7 @@ impl Driver {
         self.known_leader = leader;
         // Raft drops ReadIndex requests in flight to a leader that is gone;
         // their readers retry now rather than after READ_INDEX_TIMEOUT.
-        self.retry_unconfirmed_reads("the leader changed");
+        self.retry_unconfirmed_reads("read index not confirmed: the leader changed", |_| true);
         if leader == 0 {
             return;
         }
@@ -1143,40 +1130,8 @@ impl Driver {
     /// the log kept to the tick rather than every turn of the loop.
     fn publish(&mut self, with_lag: bool) {
         let last = self.replica.last_index();
-        let commit = self.replica.commit_index();
         let progress = self.replica.progress();
-        let now = Instant::now();
-        // RPO: the slowest replica's first missing acknowledged entry.
-        let min_match = progress.iter().map(|(_, m, _)| *m).min().unwrap_or(commit);
-        let rpo_exposure_s = if min_match >= commit {
-            0.0
-        } else {
-            self.clock.age_s(min_match + 1, now)
-        };
-        let replicas_in_sync = progress.iter().filter(|(_, m, _)| *m >= commit).count() as u64;
-        let lag_seconds: Vec<(u64, f64)> = progress
-            .iter()
-            .map(|(id, m, _)| {
-                (
-                    *id,
-                    if *m >= commit {
-                        0.0
-                    } else {
-                        self.clock.age_s(m + 1, now)
-                    },
-                )
-            })
-            .collect();
-        if self.replica.is_leader() {
-            self.clock.prune(min_match);
-        }
         let st = self.replica.state();
-        let lag_bytes: Option<Vec<(u64, u64)>> = with_lag.then(|| {
-            progress
-                .iter()
-                .map(|(id, matched, _)| (*id, self.replica.entry_bytes_between(*matched, last)))
-                .collect()
-        });
         let mut s = self.status.lock().expect("group status lock poisoned");
         s.role = if self.replica.is_leader() {
             "leader"
@@ -1195,25 +1150,49 @@ impl Driver {
         s.attached_node = st.attached_node;
         s.cache_bytes = st.cache.bytes();
         s.destaged_index = self.destaged_index;
-        if let Some(lag_bytes) = lag_bytes {
-            s.lag_bytes = lag_bytes;
-        }
         s.progress = progress;
         s.hibernating = self.hibernating;
-        s.rpo_exposure_s = rpo_exposure_s;
-        s.replicas_in_sync = replicas_in_sync;
-        s.lag_seconds = lag_seconds;
         s.failover_pause_s = self.failover_pause_s;
         s.leader_changes = self.leader_changes;
         s.recovering = self.recovering;
+        if !with_lag {
+            return;
+        }
+        // Lags, RPO exposure and gauges at tick rate (and on hibernating),
+        // not on every turn of the request path.
+        let commit = s.commit_index;
+        let now = Instant::now();
+        let age_of_first_missing = |matched: u64| {
+            if matched >= commit {
+                0.0
+            } else {
+                self.clock.age_s(matched + 1, now)
+            }
+        };
+        // RPO: the slowest replica's first missing acknowledged entry.
+        let min_match = s.progress.iter().map(|(_, m, _)| *m).min().unwrap_or(commit);
+        let rpo_exposure_s = age_of_first_missing(min_match);
+        let replicas_in_sync = s.progress.iter().filter(|(_, m, _)| *m >= commit).count() as u64;
+        s.lag_seconds = s
+            .progress
+            .iter()
+            .map(|(id, m, _)| (*id, age_of_first_missing(*m)))
+            .collect();
+        s.lag_bytes = s
+            .progress
+            .iter()
+            .map(|(id, matched, _)| (*id, self.replica.entry_bytes_between(*matched, last)))
+            .collect();
+        s.rpo_exposure_s = rpo_exposure_s;
+        s.replicas_in_sync = replicas_in_sync;
         s.rebuild_progress = self.installing.as_ref().map(|_| {
             (
                 self.rebuild_copied.load(std::sync::atomic::Ordering::Relaxed),
                 self.store.len_bytes().unwrap_or(0),
             )
         });
-        if !with_lag {
-            return;
+        if self.replica.is_leader() {
+            self.clock.prune(min_match);
         }
         // Gauges at tick rate (and on hibernating), not every turn.
         let followers: Vec<FollowerSample> = if self.replica.is_leader() {

@@ -217,8 +217,9 @@ pub async fn run_node_gauges(
         for v in catalog.list() {
             let Some(s) = v.local_status() else { continue };
             count += 1;
-            let name = v.meta().name;
-            if s.role == "leader" && s.replicas_in_sync < u64::from(v.meta().replica_count) {
+            let meta = v.meta();
+            let name = meta.name;
+            if s.role == "leader" && s.replicas_in_sync < u64::from(meta.replica_count) {
                 under += 1;
             }
             let progress = match s.rebuild_progress {

@@ -329,6 +329,15 @@ impl Volume {
             .map(|_| ())
     }
 
+    /// The leader's view of the group: the local replica's if it leads,
+    /// else one round trip to the leader.
+    pub async fn leader_view(&self) -> Option<GroupStatus> {
+        match self.local_status() {
+            Some(s) if s.role == "leader" => Some(s),
+            _ => self.leader_status().await,
+        }
+    }
+
     /// The leader's view of the group (replica progress), from wherever it is.
     pub async fn leader_status(&self) -> Option<GroupStatus> {
         let req = self.request(fwd_op::STATUS, 0, 0, 0, Bytes::new());

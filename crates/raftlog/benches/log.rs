@@ -136,7 +136,6 @@ fn batch(next: &mut [u64], entries: u64, payload: &Bytes) -> Vec<GroupWrite> {
 }
 
 fn write_batch(c: &mut Criterion) {
-    let payload = Bytes::from((0..ENTRY_BYTES).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
     let mut backends = vec![Backend::Disk, Backend::DiskPrefilled];
     if Path::new("/dev/shm").is_dir() {
         backends.push(Backend::Tmpfs);
@@ -146,29 +145,46 @@ fn write_batch(c: &mut Criterion) {
     backends.push(Backend::Mem);
 
     for backend in backends {
-        let mut g = c.benchmark_group(backend.name());
-        for groups in GROUPS {
-            for entries in ENTRIES {
-                g.throughput(Throughput::Bytes(groups * entries * ENTRY_BYTES as u64));
-                let id = BenchmarkId::from_parameter(format!("{groups}g_x_{entries}e"));
-                g.bench_function(id, |b| {
-                    b.iter_custom(|iters| {
-                        let store = open(backend);
-                        let mut next = vec![1u64; groups as usize];
-                        let mut spent = Duration::ZERO;
-                        for _ in 0..iters {
-                            let writes = batch(&mut next, entries, &payload);
-                            let start = Instant::now();
-                            store.log.write_batch(black_box(writes)).expect("write_batch");
-                            spent += start.elapsed();
-                        }
-                        spent
-                    })
-                });
-            }
-        }
-        g.finish();
+        bench_shapes(
+            c,
+            backend.name(),
+            |_, _| open(backend),
+            |store, writes| store.log.write_batch(writes).expect("write_batch"),
+        );
     }
+}
+
+/// One benchmark per batch shape (groups x entries of 4 KiB): a fresh
+/// target from `open` per sample, only `write` timed.
+fn bench_shapes<T>(
+    c: &mut Criterion,
+    name: &str,
+    open: impl Fn(u64, u64) -> T,
+    write: impl Fn(&mut T, Vec<GroupWrite>),
+) {
+    let payload = Bytes::from((0..ENTRY_BYTES).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
+    let mut g = c.benchmark_group(name);
+    for groups in GROUPS {
+        for entries in ENTRIES {
+            g.throughput(Throughput::Bytes(groups * entries * ENTRY_BYTES as u64));
+            let id = BenchmarkId::from_parameter(format!("{groups}g_x_{entries}e"));
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut target = open(groups, entries);
+                    let mut next = vec![1u64; groups as usize];
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        let writes = batch(&mut next, entries, &payload);
+                        let start = Instant::now();
+                        write(&mut target, black_box(writes));
+                        spent += start.elapsed();
+                    }
+                    spent
+                })
+            });
+        }
+    }
+    g.finish();
 }
 
 /// A preallocated file written at its tail, O_DIRECT or buffered.
@@ -268,31 +284,16 @@ impl Drop for AlignedBuf {
 }
 
 fn append_floor(c: &mut Criterion) {
-    let payload = Bytes::from((0..ENTRY_BYTES).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
     for (name, direct) in [("direct_append", true), ("buffered_append", false)] {
-        let mut g = c.benchmark_group(name);
-        for groups in GROUPS {
-            for entries in ENTRIES {
-                g.throughput(Throughput::Bytes(groups * entries * ENTRY_BYTES as u64));
-                let id = BenchmarkId::from_parameter(format!("{groups}g_x_{entries}e"));
-                g.bench_function(id, |b| {
-                    b.iter_custom(|iters| {
-                        let mut file = AppendFile::open(direct);
-                        let mut buf = AlignedBuf::new((groups * entries) as usize * (ENTRY_BYTES + 24) + ALIGN);
-                        let mut next = vec![1u64; groups as usize];
-                        let mut spent = Duration::ZERO;
-                        for _ in 0..iters {
-                            let writes = batch(&mut next, entries, &payload);
-                            let start = Instant::now();
-                            file.append(black_box(&writes), &mut buf);
-                            spent += start.elapsed();
-                        }
-                        spent
-                    })
-                });
-            }
-        }
-        g.finish();
+        bench_shapes(
+            c,
+            name,
+            |groups, entries| {
+                let buf = AlignedBuf::new((groups * entries) as usize * (ENTRY_BYTES + 24) + ALIGN);
+                (AppendFile::open(direct), buf)
+            },
+            |(file, buf), writes| file.append(&writes, buf),
+        );
     }
 }
 
