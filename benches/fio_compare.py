@@ -199,8 +199,9 @@ def build(skip):
             if not os.access(os.path.join(ROOT, "target/release", b), os.X_OK):
                 raise SystemExit(f"--skip-build: target/release/{b} does not exist")
         return
-    log("== cargo build --release --bins --locked")
-    p = subprocess.run(["cargo", "build", "--release", "--bins", "--locked"], cwd=ROOT, timeout=BUILD_TIMEOUT_S)
+    log("== cargo build --release --locked -p triremed -p trireme-cli")
+    p = subprocess.run(["cargo", "build", "--release", "--locked", "-p", "triremed", "-p", "trireme-cli"],
+                       cwd=ROOT, timeout=BUILD_TIMEOUT_S)
     if p.returncode != 0:
         raise SystemExit(f"cargo build --release failed ({p.returncode}); see above")
 

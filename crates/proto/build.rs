@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "trireme/v1/volume.proto",
             "trireme/v1/node.proto",
             "trireme/v1/peer.proto",
+            "trireme/v1/fault.proto",
         ],
         ["../../proto"],
     )?;

@@ -34,6 +34,8 @@ use serde::Deserialize;
 
 pub use nix::sys::signal::Signal as Sig;
 
+pub mod nemesis;
+
 /// libnbd's Python bindings (`import nbd`) only load in the system Python.
 pub const PYTHON: &str = "/usr/bin/python3";
 
@@ -49,16 +51,18 @@ pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 // ---------------------------------------------------------------------------
 
 /// Directory holding `triremed` and `trireme`: `$TRIREME_BIN_DIR` if set,
-/// else `target/<profile>/` derived from the test executable
-/// (`target/<profile>/deps/NAME-HASH`).
+/// else `target/<profile>/` derived from the running executable
+/// (`target/<profile>/deps/NAME-HASH` for a test).
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("TRIREME_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
     let exe = std::env::current_exe().context("current_exe")?;
+    // Tests run from target/<profile>/deps/, binaries (the soak's
+    // `nemesis`) from target/<profile>/.
     let dir = exe
         .parent()
-        .and_then(Path::parent)
+        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
         .ok_or_else(|| anyhow!("cannot derive the target dir from {}", exe.display()))?;
     Ok(dir.to_path_buf())
 }
@@ -602,10 +606,19 @@ pub struct Cluster {
     restarted: Vec<(u64, ChildGuard)>,
     dev_up_stderr: PathBuf,
     root: PathBuf,
+    /// Filesystems mounted for this cluster (see `start_nodes_prepared`).
+    mounts: Vec<PathBuf>,
     // Dropped last (declaration order): ports stay reserved and the dir
     // stays until every process is gone.
     _ports: PortLease,
     dir: Option<tempfile::TempDir>,
+}
+
+/// Unmounts each of `mounts` (lazily, so a straggler cannot keep it busy).
+pub fn unmount_all(mounts: &[PathBuf]) {
+    for m in mounts {
+        let _ = run_with_timeout(Command::new("umount").arg("-l").arg(m), Duration::from_secs(10));
+    }
 }
 
 fn mentions_addr_in_use(text: &str) -> bool {
@@ -627,6 +640,20 @@ impl Cluster {
     /// `dev up --nodes N`, optionally with `--volume-size SIZE`. Retries with
     /// another base port when the failure says an address was in use.
     pub fn start_nodes(test_name: &str, nodes: usize, volume_size: Option<&str>) -> Result<Self> {
+        Self::start_nodes_prepared(test_name, nodes, volume_size, &|_| Ok(Vec::new()))
+    }
+
+    /// Like `start_nodes`, but first calls `prepare` with the data dir that
+    /// `dev up` will use (its `node-N` subdirectories do not exist yet), for
+    /// example to mount a small filesystem under one node. `prepare` returns
+    /// the mount points it made; they are unmounted once every process of
+    /// the cluster is gone.
+    pub fn start_nodes_prepared(
+        test_name: &str,
+        nodes: usize,
+        volume_size: Option<&str>,
+        prepare: &dyn Fn(&Path) -> Result<Vec<PathBuf>>,
+    ) -> Result<Self> {
         ensure!((1..=9).contains(&nodes), "dev up supports 1 to 9 nodes, not {nodes}");
         let dir = test_dir(test_name)?;
         let mut last_err = None;
@@ -634,9 +661,11 @@ impl Cluster {
             let ports = alloc_ports(test_name)?;
             let root = dir.path().join(format!("cluster-{attempt}"));
             fs::create_dir_all(&root)?;
+            let mounts = prepare(&root.join("data"))?;
             match Self::try_start(&root, ports, nodes, volume_size) {
                 Ok((info, dev_up, ports)) => {
                     return Ok(Self {
+                        mounts,
                         pids: info.nodes.iter().map(|n| n.pid).collect(),
                         info,
                         dev_up: Some(dev_up),
@@ -648,6 +677,7 @@ impl Cluster {
                     });
                 }
                 Err((e, in_use)) => {
+                    unmount_all(&mounts);
                     if !in_use {
                         return Err(e);
                     }
@@ -1102,6 +1132,25 @@ impl Drop for Cluster {
             if pid > 0 && pid_alive(pid) && pid_is_triremed(pid) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
+        }
+        if !self.mounts.is_empty() {
+            // A killed process's files stay open until it is reaped; wait
+            // (bounded) so the unmount is not refused as busy.
+            for &pid in &self.pids {
+                let _ = wait_until(Duration::from_secs(10), "a killed node to be reaped", || {
+                    Ok(!pid_alive(pid))
+                });
+            }
+            // Keep each mounted node's log beside its mount point, for
+            // TRIREME_KEEP_TEST_DIRS and the diagnostics.
+            for m in &self.mounts {
+                if let Some(name) = m.file_name() {
+                    let mut kept = name.to_os_string();
+                    kept.push(".triremed.log");
+                    let _ = fs::copy(m.join("triremed.log"), m.with_file_name(kept));
+                }
+            }
+            unmount_all(&self.mounts);
         }
         if let Some(dir) = self.dir.take()
             && std::env::var_os("TRIREME_KEEP_TEST_DIRS").is_some()

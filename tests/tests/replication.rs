@@ -228,6 +228,9 @@ fn leader_sigkill_failover_under_fio() -> Result<()> {
         .with_context(|| format!("writer did not stop: {}", tail(&writer_err, 20)))?;
     let writer_tail = tail(&writer_err, 5);
     eprintln!("[{NAME}] writer exited with {st}: {writer_tail}");
+    // The writer's forwarded writes are retried across the leader change,
+    // as long as no overlapping write is in flight with them (its blocks
+    // are all different): none may fail.
     ensure!(
         st.success(),
         "the writer attached through surviving node {via} saw an error ({st}): {writer_tail}\n{}",

@@ -1,9 +1,10 @@
 //! `trireme`: the Trireme admin CLI.
 //!
 //! Owns the command line (volume and node administration over the
-//! `trireme.v1` gRPC admin API, with human and JSON output) and `trireme dev
-//! up`, which launches local triremed processes for development and for the
-//! acceptance tests.
+//! `trireme.v1` gRPC admin API, with human and JSON output), `trireme fault`
+//! (fault injection in a triremed built with its `failpoints` feature, for
+//! fault-injection tests) and `trireme dev up`, which launches local
+//! triremed processes for development and for the acceptance tests.
 //!
 //! It must never depend on daemon internals (trireme-daemon, -storage,
 //! -nbd): the gRPC API in trireme-proto and triremed's command line and
@@ -12,6 +13,7 @@
 
 mod admin;
 mod dev;
+mod fault;
 mod output;
 mod size;
 
@@ -80,6 +82,12 @@ enum Command {
     /// Local development cluster.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Inject faults into the node answering on --admin: network rules and
+    /// failpoints, for fault-injection tests. Needs a triremed built with
+    /// the `failpoints` cargo feature (any workspace debug build is).
+    /// Nothing survives a restart of the node.
+    #[command(subcommand)]
+    Fault(fault::FaultCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Fault(cmd) => fault::run(addr, json, cmd).await,
         Command::Dev(DevCommand::Up(up)) => {
             dev::up(dev::DevUpArgs {
                 nodes: up.nodes,
@@ -459,6 +468,37 @@ mod tests {
         }
         let err = Cli::try_parse_from(["trireme", "volume", "attach", "vol0"]).expect_err("no --node");
         assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn fault_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "trireme",
+            "fault",
+            "net",
+            "set",
+            "--to",
+            "2,3",
+            "--drop",
+            "--delay-ms",
+            "50",
+        ])
+        .expect("parse");
+        let Command::Fault(fault::FaultCommand::Net(fault::NetCommand::Set { to, drop, delay_ms, .. })) = cli.command
+        else {
+            panic!("not fault net set");
+        };
+        assert_eq!((to, drop, delay_ms), (vec![2, 3], true, 50));
+        let err = Cli::try_parse_from(["trireme", "fault", "net", "set", "--drop"]).expect_err("no --to");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let cli =
+            Cli::try_parse_from(["trireme", "fault", "point", "set", "log::write", "return(enospc)"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Fault(fault::FaultCommand::Point(fault::PointCommand::Set { .. }))
+        ));
+        let cli = Cli::try_parse_from(["trireme", "fault", "list", "--output", "json"]).expect("parse");
+        assert_eq!(cli.output, Output::Json);
     }
 
     #[test]

@@ -8,8 +8,11 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use trireme_proto::v1 as pb;
 
+use trireme_transport::Transport;
+
 use crate::catalog::Catalog;
 use crate::error::DaemonError;
+use crate::failpoints;
 use crate::group::GroupStatus;
 use crate::volume::Volume;
 
@@ -287,5 +290,51 @@ impl pb::node_service_server::NodeService for NodeApi {
             unavailable,
             max_rpo_exposure_seconds,
         }))
+    }
+}
+
+/// Fault injection in this node (see [`crate::failpoints`]); every call
+/// is refused in a build without the `failpoints` feature.
+pub struct FaultApi {
+    pub transport: Transport,
+}
+
+#[tonic::async_trait]
+impl pb::fault_service_server::FaultService for FaultApi {
+    async fn set_net_fault(
+        &self,
+        req: Request<pb::SetNetFaultRequest>,
+    ) -> Result<Response<pb::SetNetFaultResponse>, Status> {
+        failpoints::set_net_fault(&self.transport, &req.into_inner())?;
+        Ok(Response::new(pb::SetNetFaultResponse {}))
+    }
+
+    async fn clear_net_faults(
+        &self,
+        _req: Request<pb::ClearNetFaultsRequest>,
+    ) -> Result<Response<pb::ClearNetFaultsResponse>, Status> {
+        failpoints::clear_net_faults(&self.transport)?;
+        Ok(Response::new(pb::ClearNetFaultsResponse {}))
+    }
+
+    async fn set_failpoint(
+        &self,
+        req: Request<pb::SetFailpointRequest>,
+    ) -> Result<Response<pb::SetFailpointResponse>, Status> {
+        let r = req.into_inner();
+        failpoints::set_failpoint(&r.name, &r.actions)?;
+        Ok(Response::new(pb::SetFailpointResponse {}))
+    }
+
+    async fn clear_failpoints(
+        &self,
+        _req: Request<pb::ClearFailpointsRequest>,
+    ) -> Result<Response<pb::ClearFailpointsResponse>, Status> {
+        failpoints::clear_failpoints()?;
+        Ok(Response::new(pb::ClearFailpointsResponse {}))
+    }
+
+    async fn get_faults(&self, _req: Request<pb::GetFaultsRequest>) -> Result<Response<pb::GetFaultsResponse>, Status> {
+        Ok(Response::new(failpoints::faults(&self.transport)?))
     }
 }

@@ -380,8 +380,18 @@ impl Catalog {
         // volume.state ahead of the log: the image holds more than the log
         // can account for (a crash between them); only the peers can say
         // what the state at that point was.
+        // A gap between what the image holds and the log's first entry
+        // (entries lost from the front of the log, say a log file cut
+        // between two batches) can be refilled only by the peers too,
+        // unless that first entry is a snapshot install's point, which
+        // stands for everything before it.
+        let first_logged = stored.as_ref().and_then(|g| g.entries.first());
+        let log_gap = first_logged.is_some_and(|e| {
+            e.index > applied.destaged_index.saturating_add(1) && parse_snapshot_point(&e.data).is_none()
+        });
         let log_missing = (stored.is_none() && applied.destaged_index > 0)
-            || (stored.is_some() && applied.destaged_index > last_logged);
+            || (stored.is_some() && applied.destaged_index > last_logged)
+            || log_gap;
         if !image_missing && !log_missing {
             let store = UringStore::open(&self.engine, &image, meta.size_bytes)?;
             return self.start_replica(meta, dir, store, StartMode::Restart);

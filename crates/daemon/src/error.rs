@@ -40,6 +40,29 @@ impl DaemonError {
 
 pub type Result<T> = std::result::Result<T, DaemonError>;
 
+/// The exit status of a node stopped by a disk error (EX_SOFTWARE).
+pub const DISK_ERROR_EXIT_STATUS: i32 = 70;
+
+/// Stops the node at once on a disk error it cannot take back: a failed
+/// write or fdatasync of the Raft log, of a volume image or of a state file.
+/// After a failed fdatasync the kernel may have dropped the dirty pages, and
+/// a later fdatasync can "succeed" with the data gone, so carrying on (or
+/// retrying) could acknowledge, or compact the log past, what is not on the
+/// disk. The other replicas carry the volumes on; on restart the node
+/// recovers from what is durable and catches up.
+pub fn exit_on_disk_error(kind: &'static str, message: &str) -> ! {
+    metrics::counter!("trireme_disk_errors_total", "kind" => kind).increment(1);
+    tracing::error!(kind, "{message}");
+    // _exit, not exit: exit runs the C library's and thread-local teardown
+    // on this (tokio) thread while every other thread keeps running, and
+    // under a disk-full nemesis it was seen to never return, leaving a node
+    // that heartbeats but no longer writes. Nothing buffered is lost: the
+    // logs go to stderr unbuffered, and durability never rests on a
+    // clean exit.
+    // SAFETY: _exit takes no pointers and does not return.
+    unsafe { libc::_exit(DISK_ERROR_EXIT_STATUS) }
+}
+
 impl From<DaemonError> for tonic::Status {
     fn from(e: DaemonError) -> Self {
         use tonic::Status;

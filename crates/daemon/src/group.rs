@@ -56,10 +56,21 @@ pub enum GroupError {
     NotLeader(u64),
     #[error("fenced: {0}")]
     Fenced(String),
+    /// It did not take effect; trying again (here or elsewhere) is safe.
     #[error("retry: {0}")]
     Retry(String),
     #[error("{0}")]
     Failed(String),
+    /// A write whose outcome is unknown: it may have taken effect, so it
+    /// must not be retried (a retry could apply it twice, after a later
+    /// write to the same blocks). The client gets an I/O error.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// This replica cannot answer for that log index (an epoch-at request
+    /// for an index its attach history and log do not cover); another
+    /// replica may.
+    #[error("not covered here: {0}")]
+    NotCovered(String),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, GroupError>>;
@@ -183,17 +194,22 @@ impl GroupHandle {
             span: tracing::Span::current(),
         })
         .await?;
-        rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
+        // Once queued, the write may have been proposed before the replica
+        // stopped without answering: its outcome is unknown.
+        rx.await
+            .map_err(|_| GroupError::Indeterminate("the replica stopped before the write's outcome was known".into()))?
     }
 
-    /// `local_min_index`: read the applied state directly once it reaches
-    /// that index (snapshot copies); None: a linearizable read.
+    /// Epoch and attached node as of log `index`, if this replica's attach
+    /// history or log covers it (else `NotCovered`: ask another replica).
     pub async fn epoch_at(&self, index: u64) -> Result<(u64, u64), GroupError> {
         let (reply, rx) = oneshot::channel();
         self.send(GroupEvent::EpochAt { index, reply }).await?;
         rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
     }
 
+    /// `local_min_index`: read the applied state directly once it reaches
+    /// that index (snapshot copies); None: a linearizable read.
     pub async fn read(
         &self,
         offset: u64,
@@ -234,6 +250,9 @@ struct PendingRead {
 struct Install {
     index: u64,
     term: u64,
+    /// The epoch and attached node as of `index` the leader stamped on the
+    /// snapshot (None: ask the replicas).
+    epoch: Option<(u64, u64)>,
     persist: Option<trireme_replica::PersistTask>,
     conf_state: Option<trireme_replica::raft::eraftpb::ConfState>,
     /// The copy waits for a destage in flight: its old extents must not
@@ -651,7 +670,19 @@ impl Driver {
                 let _ = reply.send(r);
             }
             GroupEvent::EpochAt { index, reply } => {
-                let _ = reply.send(Ok(self.replica.state().epoch_at(index)));
+                // Never a guess: only what the attach history (from the last
+                // restart or install point) and the committed log cover.
+                let r = self.replica.epoch_at(index).ok_or_else(|| {
+                    let st = self.replica.state();
+                    GroupError::NotCovered(format!(
+                        "node {} knows the epoch from index {} to {} (applied {}), not at {index}",
+                        self.replica.id(),
+                        st.attach_history.first().map_or(0, |r| r.0),
+                        self.replica.commit_index(),
+                        st.applied_index,
+                    ))
+                });
+                let _ = reply.send(r);
             }
             GroupEvent::Installed { index, result } => self.on_installed(index, result),
             GroupEvent::TransferLeader(to) => {
@@ -809,14 +840,16 @@ impl Driver {
             }
         }
         let mut persist = out.persist;
-        if let Some((index, term)) = out.install {
-            info!(group = self.group_id, volume = %self.volume, index, term, "installing a snapshot from the leader");
+        if let Some(inst) = out.install {
+            let (index, term) = (inst.index, inst.term);
+            info!(group = self.group_id, volume = %self.volume, index, term, stamped = inst.epoch.is_some(), "installing a snapshot from the leader");
             self.metrics.snapshot_receives.increment(1);
             // The Ready's log write (which carries the snapshot) is held
             // until the copy is done: see on_installed.
             self.installing = Some(Install {
                 index,
                 term,
+                epoch: inst.epoch,
                 persist: persist.take(),
                 conf_state: out.conf_state.clone(),
                 copy_started: false,
@@ -869,9 +902,18 @@ impl Driver {
                     }) => Err(GroupError::Fenced(format!(
                         "writer epoch {entry_epoch} is older than the volume's epoch {current_epoch}"
                     ))),
+                    // It did not take effect: the router proposes it again.
                     Err(ApplyError::Superseded) => Err(GroupError::Retry("superseded by a new leader".into())),
+                    // It may have taken effect: never retried; EIO.
+                    Err(ApplyError::Unknown) => {
+                        let why = "a snapshot from the leader replaced this replica's log past the write";
+                        warn!(group = self.group_id, volume = %self.volume, "a write's outcome is unknown: {why}");
+                        Err(GroupError::Indeterminate(why.into()))
+                    }
                     Err(ApplyError::Corrupt(e)) => Err(GroupError::Failed(format!("corrupt entry: {e}"))),
                 };
+                #[cfg(feature = "failpoints")]
+                crate::failpoints::crash_point(crate::failpoints::CRASH_AFTER_APPLY);
                 let _ = reply.send(r);
             }
         }
@@ -903,6 +945,13 @@ impl Driver {
     }
 
     fn serve_reads(&mut self) {
+        // A snapshot install moves the applied index to the snapshot point
+        // at once, while the volume is still being copied: a read served
+        // now would see the old image without the cache. Pending reads
+        // wait for the install to finish.
+        if self.installing.is_some() || self.install_persist.is_some() {
+            return;
+        }
         let applied = self.replica.applied_index();
         let ready: Vec<u64> = self
             .reads
@@ -953,6 +1002,8 @@ impl Driver {
                     .map_err(|e| e.to_string())?;
                 }
                 store.sync().await.map_err(|e| e.to_string())?;
+                #[cfg(feature = "failpoints")]
+                crate::failpoints::crash_point(crate::failpoints::CRASH_DESTAGE_AFTER_IMAGE_WRITE);
                 // The state machine as of `index` must be durable before the
                 // log below it may be compacted away.
                 tokio::task::spawn_blocking(move || crate::catalog::write_applied_state(&state_path, &applied))
@@ -978,12 +1029,34 @@ impl Driver {
         let tx = self.tx.clone();
         let volume = self.volume.clone();
         let leader = self.replica.leader_id();
+        let stamped = self.installing.as_ref().and_then(|i| i.epoch);
+        // Whom to ask the epoch as of `index` if the snapshot was not
+        // stamped: the leader first, then the other replicas.
+        let me = self.replica.id();
+        let replicas: Vec<u64> = std::iter::once(leader)
+            .chain(self.replica.voters())
+            .filter(|n| *n != 0 && *n != me)
+            .fold(Vec::new(), |mut v, n| {
+                if !v.contains(&n) {
+                    v.push(n);
+                }
+                v
+            });
         let group = self.group_id;
         let copied = self.rebuild_copied.clone();
         copied.store(0, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = copy_from_leader(&transport, leader, &volume, index, &store, &copied).await;
+            let epoch = match stamped {
+                Some(e) => Ok(e),
+                None => ask_epoch_at(&transport, &volume, index, &replicas).await,
+            };
+            let result = match epoch {
+                Ok(epoch) => copy_from_leader(&transport, leader, &volume, index, &store, &copied)
+                    .await
+                    .map(|()| epoch),
+                Err(e) => Err(e),
+            };
             match &result {
                 Ok(_) => {
                     info!(group, volume = %volume, index, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot copied")
@@ -1067,11 +1140,18 @@ impl Driver {
         {
             self.install_persist = None;
             let path = self.state_path.clone();
+            let volume = self.volume.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = crate::catalog::write_applied_state(&path, &state) {
-                    // The log's snapshot point still records it; a restart
-                    // reads it from there.
-                    warn!("writing volume.state after a snapshot install: {e}");
+                    // The log's snapshot point records the state too, and a
+                    // restart reads it from there; but a disk that fails a
+                    // small write fails the next destage too.
+                    crate::error::exit_on_disk_error(
+                        "state_write",
+                        &format!(
+                            "writing volume.state of volume {volume} after a snapshot install failed, stopping the node: {e}"
+                        ),
+                    );
                 }
             });
         }
@@ -1079,6 +1159,21 @@ impl Driver {
 
     fn on_destaged(&mut self, index: u64, result: Result<(), String>) {
         self.destaging = false;
+        if let Err(e) = result {
+            // A retry would rewrite the same extents, but after a failed
+            // fdatasync the image can no longer be trusted to hold what an
+            // earlier one made durable: stop, as for the log (README: crash
+            // rather than limp on). Nothing was compacted; the log still
+            // holds every entry, and the other replicas carry the volume.
+            self.metrics.destage_errors.increment(1);
+            crate::error::exit_on_disk_error(
+                "destage",
+                &format!(
+                    "destage of volume {} (group {}) up to index {index} failed, stopping the node: {e}",
+                    self.volume, self.group_id
+                ),
+            );
+        }
         if let Some(install) = &self.installing {
             // The snapshot replaces what this destage was about: no
             // compaction (the log is about to restart at the snapshot point),
@@ -1087,13 +1182,6 @@ impl Driver {
                 let at = install.index;
                 self.start_copy(at);
             }
-            return;
-        }
-        if let Err(e) = result {
-            // The image is not trustworthy any more; the log still holds
-            // every entry, so stop destaging and keep serving from the log.
-            warn!(group = self.group_id, volume = %self.volume, "destage failed, log kept: {e}");
-            self.metrics.destage_errors.increment(1);
             return;
         }
         self.replica.on_destaged(index);
@@ -1243,8 +1331,69 @@ impl Driver {
     }
 }
 
+/// How long a snapshot's receiver asks the replicas for the epoch as of an
+/// unstamped snapshot's index before it gives the install another go.
+const EPOCH_AT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The epoch and attached node as of `index`, for a snapshot its leader did
+/// not stamp with them (a version before the stamp): asked of `replicas` in
+/// turn (the leader first), with backoff. Each answers only if its attach
+/// history (from its last restart or install point) or its committed log
+/// covers `index`, never with a guess; one that cannot says so
+/// (`fwd_code::NOT_COVERED`) and the next is asked.
+async fn ask_epoch_at(transport: &Transport, volume: &str, index: u64, replicas: &[u64]) -> Result<(u64, u64), String> {
+    use crate::volume::{fwd_code, fwd_op};
+    use trireme_transport::ForwardRequest;
+    let deadline = Instant::now() + EPOCH_AT_TIMEOUT;
+    let mut backoff = Duration::from_millis(20);
+    let mut why = Vec::new();
+    loop {
+        why.clear();
+        for &node in replicas {
+            let req = ForwardRequest {
+                volume: volume.to_string(),
+                epoch: index,
+                op: fwd_op::EPOCH_AT,
+                offset: index,
+                length: 0,
+                data: Vec::new(),
+                may_trim: true,
+            };
+            match tokio::time::timeout(Duration::from_secs(3), transport.forward(node, req)).await {
+                Ok(Ok(r)) if r.errno == fwd_code::OK => {
+                    let v: serde_json::Value = serde_json::from_slice(&r.data)
+                        .map_err(|e| format!("node {node}'s epoch at {index} does not parse: {e}"))?;
+                    let field = |k: &str| {
+                        v.get(k)
+                            .and_then(|x| x.as_u64())
+                            .ok_or_else(|| format!("node {node}'s epoch at {index} lacks \"{k}\""))
+                    };
+                    return Ok((field("epoch")?, field("attached")?));
+                }
+                Ok(Ok(r)) => why.push(format!("node {node}: {}", r.message)),
+                Ok(Err(e)) => why.push(format!("node {node}: {e}")),
+                Err(_) => why.push(format!("node {node}: no answer")),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no replica could tell the epoch as of snapshot index {index}: {}",
+                why.join("; ")
+            ));
+        }
+        debug!(
+            volume,
+            index,
+            "epoch at the snapshot index not known yet: {}",
+            why.join("; ")
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// Copies the whole volume from `leader` as of at least `index` into the
-/// local image and returns the epoch and attached node as of `index`.
+/// local image.
 async fn copy_from_leader(
     transport: &Transport,
     leader: u64,
@@ -1252,7 +1401,7 @@ async fn copy_from_leader(
     index: u64,
     store: &UringStore,
     copied: &std::sync::atomic::AtomicU64,
-) -> Result<(u64, u64), String> {
+) -> Result<(), String> {
     let received_bytes = metrics::counter!("trireme_snapshot_received_bytes_total", "volume" => volume.to_string());
     use crate::volume::{fwd_code, fwd_op};
     use trireme_transport::ForwardRequest;
@@ -1309,24 +1458,27 @@ async fn copy_from_leader(
         } else {
             store.write(offset, bytes::Bytes::from(data)).await
         };
-        r.map_err(|e| e.to_string())?;
+        // Network trouble is retried (the caller starts the copy over); a
+        // disk that fails is not, as in a destage.
+        if let Err(e) = r {
+            crate::error::exit_on_disk_error(
+                "snapshot_copy",
+                &format!("snapshot copy of volume {volume} at offset {offset} failed, stopping the node: {e}"),
+            );
+        }
         offset += length;
         copied.store(offset, std::sync::atomic::Ordering::Relaxed);
         received_bytes.increment(length);
+        #[cfg(feature = "failpoints")]
+        if offset < size {
+            crate::failpoints::crash_point(crate::failpoints::CRASH_SNAPSHOT_MID_COPY);
+        }
     }
-    store.sync().await.map_err(|e| e.to_string())?;
-    let reply = transport
-        .forward(leader, request(fwd_op::EPOCH_AT, index, 0))
-        .await
-        .map_err(|e| e.to_string())?;
-    if reply.errno != fwd_code::OK {
-        return Err(format!(
-            "leader {leader} did not give the epoch at {index}: {}",
-            reply.message
-        ));
+    if let Err(e) = store.sync().await {
+        crate::error::exit_on_disk_error(
+            "snapshot_copy",
+            &format!("snapshot copy of volume {volume}: syncing the image failed, stopping the node: {e}"),
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&reply.data).map_err(|e| e.to_string())?;
-    let epoch = v.get("epoch").and_then(|x| x.as_u64()).unwrap_or(0);
-    let attached = v.get("attached").and_then(|x| x.as_u64()).unwrap_or(0);
-    Ok((epoch, attached))
+    Ok(())
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
-use tracing::error;
 use trireme_raftlog::{GroupWrite, RaftLogStore};
 use trireme_replica::raft::eraftpb::Message;
 use trireme_transport::Transport;
@@ -126,12 +125,14 @@ fn run(store: Arc<dyn RaftLogStore>, transport: Transport, rx: std_mpsc::Receive
         appended_entries.increment(entries as u64);
         appended_bytes.increment(bytes as u64);
         if let Err(e) = result {
-            metrics::counter!("trireme_disk_errors_total", "kind" => "log_write").increment(1);
             // DESIGN.md: an I/O error on the log is fatal for the replica; the
             // log is node-wide, so the node stops and its replicas are rebuilt
             // elsewhere. Limping on could acknowledge what is not durable.
-            error!("raft log write failed, stopping the node: {e}");
-            std::process::exit(70);
+            crate::error::exit_on_disk_error("log_write", &format!("raft log write failed, stopping the node: {e}"));
+        }
+        #[cfg(feature = "failpoints")]
+        if must_sync {
+            crate::failpoints::crash_point(crate::failpoints::CRASH_LOG_AFTER_SYNC);
         }
         for (j, group) in jobs.into_iter().zip(groups) {
             for m in j.messages_after {

@@ -13,12 +13,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use trireme_nbd::{Server, ServerConfig};
+use trireme_proto::v1::fault_service_server::FaultServiceServer;
 use trireme_proto::v1::node_service_server::NodeServiceServer;
 use trireme_proto::v1::volume_service_server::VolumeServiceServer;
 use trireme_storage::statefile;
 use trireme_storage::uring::IoEngine;
 
-use crate::admin::{NodeApi, VolumeApi};
+use crate::admin::{FaultApi, NodeApi, VolumeApi};
 use crate::catalog::{Catalog, NodeServices};
 use crate::config::Config;
 use crate::error::{DaemonError, Result};
@@ -37,6 +38,9 @@ struct NodeIdentity {
     cluster_id: String,
 }
 
+/// How long a starting node waits for the data dir lock.
+const DATA_DIR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Checks (or, on first start, records) which node owns the data dir, and
 /// takes an exclusive lock so two daemons never share one.
 fn prepare_data_dir(config: &Config) -> Result<(PathBuf, nix::fcntl::Flock<fs::File>)> {
@@ -54,8 +58,32 @@ fn prepare_data_dir(config: &Config) -> Result<(PathBuf, nix::fcntl::Flock<fs::F
         .write(true)
         .open(&lock_path)
         .map_err(|e| dd_err(format!("cannot open {}: {e}", lock_path.display())))?;
-    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| dd_err(format!("is in use by another triremed ({e})")))?;
+    // A triremed that just died may hold the lock a little longer: the
+    // kernel tears down its io_uring instances, and the files they hold,
+    // asynchronously after the exit. So a restart right after a crash waits
+    // (bounded) instead of failing.
+    let deadline = std::time::Instant::now() + DATA_DIR_LOCK_WAIT;
+    let mut lock_file = lock_file;
+    let mut warned = false;
+    let lock = loop {
+        match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((file, e)) if e == nix::errno::Errno::EWOULDBLOCK && std::time::Instant::now() < deadline => {
+                if !warned {
+                    tracing::warn!(dir = %dir.display(), "data dir is locked; waiting for the previous triremed to let go");
+                    warned = true;
+                }
+                lock_file = file;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err((_, e)) => {
+                return Err(dd_err(format!(
+                    "is in use by another triremed ({e}; waited {} s)",
+                    DATA_DIR_LOCK_WAIT.as_secs()
+                )));
+            }
+        }
+    };
     let identity_path = dir.join("node.toml");
     let want = NodeIdentity {
         node_id: config.node_id,
@@ -264,12 +292,16 @@ impl Node {
                 .unwrap_or_default(),
             started,
         };
+        let fault_api = FaultApi {
+            transport: transport.clone(),
+        };
         let mut admin_shutdown = shutdown_rx.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
         let admin = tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(VolumeServiceServer::new(volume_api))
                 .add_service(NodeServiceServer::new(node_api))
+                .add_service(FaultServiceServer::new(fault_api))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = admin_shutdown.wait_for(|s| *s).await;
                 })

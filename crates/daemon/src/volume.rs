@@ -21,7 +21,7 @@ use trireme_nbd::{BlockDevice, DeviceError, DeviceResult, Errno};
 use trireme_replica::{Segment, VolumeOp};
 use trireme_storage::BlockStore;
 use trireme_storage::uring::UringStore;
-use trireme_transport::{ForwardReply, ForwardRequest, Transport};
+use trireme_transport::{ForwardReply, ForwardRequest, Transport, TransportError};
 
 use crate::group::{GroupError, GroupHandle, GroupStatus};
 
@@ -53,13 +53,19 @@ const BACKOFF_MAX: Duration = Duration::from_millis(200);
 /// Forwarded-request operation codes (ForwardRequest.op), defined with the protocol.
 pub use trireme_transport::op as fwd_op;
 
-/// Forwarded-reply codes (ForwardReply.errno) beyond the NBD errnos.
+/// Forwarded-reply codes (ForwardReply.errno) beyond the NBD errnos: one
+/// per [`GroupError`] variant, so a forwarded request fails on the node
+/// that forwarded it exactly as it would have on the leader.
 pub mod fwd_code {
     pub const OK: u32 = 0;
     pub const NOT_LEADER: u32 = 1000;
     pub const RETRY: u32 = 1001;
     pub const FENCED: u32 = 1002;
     pub const FAILED: u32 = 1003;
+    /// A write's outcome is unknown: not retried, EIO to the client.
+    pub const INDETERMINATE: u32 = 1004;
+    /// An epoch-at request for an index the replica does not cover.
+    pub const NOT_COVERED: u32 = 1005;
 }
 
 pub fn group_error_to_reply(e: GroupError) -> ForwardReply {
@@ -68,10 +74,22 @@ pub fn group_error_to_reply(e: GroupError) -> ForwardReply {
         GroupError::Retry(_) => (fwd_code::RETRY, 0),
         GroupError::Fenced(_) => (fwd_code::FENCED, 0),
         GroupError::Failed(_) => (fwd_code::FAILED, 0),
+        GroupError::Indeterminate(_) => (fwd_code::INDETERMINATE, 0),
+        GroupError::NotCovered(_) => (fwd_code::NOT_COVERED, 0),
+    };
+    // The variant travels as the code; the message is the inner text, so
+    // the far side's error reads the same as the near side's.
+    let message = match e {
+        GroupError::NotLeader(_) => e.to_string(),
+        GroupError::Retry(m)
+        | GroupError::Fenced(m)
+        | GroupError::Failed(m)
+        | GroupError::Indeterminate(m)
+        | GroupError::NotCovered(m) => m,
     };
     ForwardReply {
         errno,
-        message: e.to_string(),
+        message,
         data: Vec::new(),
         leader_hint,
     }
@@ -83,6 +101,8 @@ fn reply_to_result(r: ForwardReply) -> Result<Bytes, GroupError> {
         fwd_code::NOT_LEADER => Err(GroupError::NotLeader(r.leader_hint)),
         fwd_code::FENCED => Err(GroupError::Fenced(r.message)),
         fwd_code::FAILED => Err(GroupError::Failed(r.message)),
+        fwd_code::INDETERMINATE => Err(GroupError::Indeterminate(r.message)),
+        fwd_code::NOT_COVERED => Err(GroupError::NotCovered(r.message)),
         _ => Err(GroupError::Retry(r.message)),
     }
 }
@@ -103,6 +123,65 @@ pub struct Volume {
     transport: Transport,
     open_sessions: AtomicU32,
     revoke: watch::Sender<bool>,
+    /// Writes routed through this node and not yet answered: what decides
+    /// whether a forwarded write whose outcome was lost may be retried.
+    routed_writes: std::sync::Mutex<RoutedWrites>,
+}
+
+/// The writes in flight through `Volume::route`, with whether each overlaps
+/// another one in flight (in either order).
+///
+/// A forwarded write that reached a leader which then died may have
+/// committed. Sending it again applies it twice; that is harmless unless an
+/// overlapping write lands between the two, which would make a reader see
+/// the first value, then the other one, then the first again. With no
+/// overlapping write in flight through this node, nothing can land between
+/// them from here: the retry is safe, and the client sees a pause, not an
+/// error. An overlapped one gets EIO (outcome unknown) instead. Writes
+/// through other nodes are not seen here: only an unattached volume takes
+/// writes from several nodes at once.
+#[derive(Default)]
+struct RoutedWrites {
+    next_id: u64,
+    /// id -> (offset, length, overlapped).
+    inflight: std::collections::HashMap<u64, (u64, u64, bool)>,
+}
+
+impl RoutedWrites {
+    fn register(&mut self, offset: u64, length: u64) -> u64 {
+        self.next_id += 1;
+        let id = self.next_id;
+        let end = offset.saturating_add(length.max(1));
+        let mut overlapped = false;
+        for (o, l, flag) in self.inflight.values_mut() {
+            if *o < end && offset < o.saturating_add((*l).max(1)) {
+                *flag = true;
+                overlapped = true;
+            }
+        }
+        self.inflight.insert(id, (offset, length, overlapped));
+        id
+    }
+
+    fn overlapped(&self, id: u64) -> bool {
+        self.inflight.get(&id).is_none_or(|(_, _, f)| *f)
+    }
+}
+
+/// Unregisters a routed write however `route` returns.
+struct RoutedWriteGuard<'a> {
+    writes: &'a std::sync::Mutex<RoutedWrites>,
+    id: u64,
+}
+
+impl Drop for RoutedWriteGuard<'_> {
+    fn drop(&mut self) {
+        self.writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .inflight
+            .remove(&self.id);
+    }
 }
 
 impl Volume {
@@ -117,6 +196,7 @@ impl Volume {
             transport,
             open_sessions: AtomicU32::new(0),
             revoke,
+            routed_writes: std::sync::Mutex::new(RoutedWrites::default()),
         })
     }
 
@@ -203,6 +283,28 @@ impl Volume {
         let mut target = self.first_target();
         let mut backoff = BACKOFF_MIN;
         let is_read = req.op == fwd_op::READ;
+        let mutates = matches!(req.op, fwd_op::WRITE | fwd_op::WRITE_ZEROES | fwd_op::TRIM);
+        let guard = mutates.then(|| {
+            let mut w = self
+                .routed_writes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            RoutedWriteGuard {
+                writes: &self.routed_writes,
+                id: w.register(req.offset, req.length),
+            }
+        });
+        // A lost outcome may be retried only without an overlapping write
+        // in flight (see RoutedWrites).
+        let may_retry = |guard: &Option<RoutedWriteGuard<'_>>| {
+            guard.as_ref().is_none_or(|g| {
+                !self
+                    .routed_writes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .overlapped(g.id)
+            })
+        };
         loop {
             let local = target == self.node_id && self.local.is_some();
             // Reads are served by the local replica whenever there is one:
@@ -215,15 +317,31 @@ impl Volume {
                 // after one attempt's time and look for the new leader.
                 match tokio::time::timeout(ATTEMPT_TIMEOUT, self.transport.forward(target, req.clone())).await {
                     Ok(Ok(reply)) => reply_to_result(reply),
+                    // A write that may have reached the leader may also have
+                    // committed: retrying it could apply it again, after an
+                    // overlapping write (see RoutedWrites).
+                    Ok(Err(e)) if mutates && !never_sent(&e) && !may_retry(&guard) => {
+                        Err(GroupError::Indeterminate(format!(
+                            "forwarding to node {target} failed after sending, with an overlapping write in flight: {e}"
+                        )))
+                    }
                     Ok(Err(e)) => {
                         Err(GroupError::NotLeader(0)).inspect_err(|_| debug!("forward to node {target}: {e}"))
                     }
+                    Err(_) if mutates && !may_retry(&guard) => Err(GroupError::Indeterminate(format!(
+                        "node {target} did not answer a forwarded write within {ATTEMPT_TIMEOUT:?}, \
+                         with an overlapping write in flight"
+                    ))),
                     Err(_) => Err(GroupError::NotLeader(0)),
                 }
             };
             let wait = match result {
                 Ok(data) => return Ok(data),
-                Err(e @ (GroupError::Fenced(_) | GroupError::Failed(_))) => return Err(e),
+                // An indeterminate write may have taken effect: a retry
+                // could apply it again, after a later write to its blocks.
+                Err(e @ (GroupError::Fenced(_) | GroupError::Failed(_) | GroupError::Indeterminate(_))) => {
+                    return Err(e);
+                }
                 Err(GroupError::NotLeader(hint)) if hint != 0 && hint != target => {
                     target = hint;
                     false
@@ -235,7 +353,7 @@ impl Volume {
                     };
                     true
                 }
-                Err(GroupError::Retry(_)) => true,
+                Err(GroupError::Retry(_) | GroupError::NotCovered(_)) => true,
             };
             if Instant::now() >= deadline {
                 return Err(GroupError::Failed(format!(
@@ -475,6 +593,11 @@ impl VolumeSession {
                 self.revoke.send_replace(true);
                 DeviceError::new(Errno::Perm, format!("fenced: {msg}"))
             }
+            e @ GroupError::Indeterminate(_) => {
+                // Honest: the write may or may not have taken effect.
+                warn!(volume = %self.volume.meta().name, "write failed with EIO: {e}");
+                DeviceError::new(Errno::Io, e.to_string())
+            }
             other => DeviceError::new(Errno::Io, other.to_string()),
         }
     }
@@ -540,5 +663,57 @@ impl BlockDevice for VolumeSession {
         // Every acknowledged write, on any session of any node, is already
         // committed to a quorum's durable logs: nothing is left to flush.
         Ok(())
+    }
+}
+
+/// True if a forward failed before the request could reach the peer: no
+/// connection (refused, or an injected drop), an unknown peer, or a request
+/// over the size bound. Anything else may have been delivered.
+fn never_sent(e: &TransportError) -> bool {
+    match e {
+        TransportError::UnknownPeer(_) | TransportError::TooLarge { .. } | TransportError::Config(_) => true,
+        TransportError::Unreachable { message, .. } => {
+            let m = message.to_ascii_lowercase();
+            m.contains("connect") || m.contains("injected")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_overlapping_routed_writes_lose_their_retry() {
+        let mut w = RoutedWrites::default();
+        let a = w.register(0, 4096);
+        let b = w.register(8192, 4096);
+        assert!(!w.overlapped(a) && !w.overlapped(b), "disjoint writes may be retried");
+        let c = w.register(4095, 2);
+        assert!(w.overlapped(a) && w.overlapped(c), "an overlap marks both writes");
+        assert!(!w.overlapped(b));
+        w.inflight.remove(&a);
+        assert!(w.overlapped(a), "an unknown write is never retried");
+        // A zero-length range (a flush-sized request) still occupies its offset.
+        let d = w.register(8192, 0);
+        assert!(w.overlapped(d) && w.overlapped(b));
+    }
+
+    /// A forwarded request fails on the forwarding node as it failed on the
+    /// leader: above all, an indeterminate write stays indeterminate (the
+    /// router must not retry it).
+    #[test]
+    fn every_group_error_survives_forwarding() {
+        for e in [
+            GroupError::NotLeader(3),
+            GroupError::Fenced("writer epoch 1 is older than the volume's epoch 2".into()),
+            GroupError::Retry("write-back cache full".into()),
+            GroupError::Failed("corrupt entry".into()),
+            GroupError::Indeterminate("a snapshot from the leader replaced this replica's log".into()),
+            GroupError::NotCovered("node 2 knows the epoch from index 9".into()),
+        ] {
+            assert_eq!(reply_to_result(group_error_to_reply(e.clone())), Err(e));
+        }
     }
 }

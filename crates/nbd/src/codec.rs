@@ -824,37 +824,308 @@ mod tests {
         assert_eq!(&b[26..], b"bad");
     }
 
-    proptest! {
-        #[test]
-        fn request_parser_never_panics_and_validates_every_accepted_range(
-            bytes in proptest::collection::vec(any::<u8>(), 0..64),
-            size in 0u64..(1 << 44),
-        ) {
-            if let Ok(Some(h)) = parse_request_header(&bytes) {
-                let limits = SessionLimits { export_size_bytes: size, structured_replies: true };
-                match validate_request(&h, &limits) {
-                    Ok(Request::Read { offset, length } | Request::Write { offset, length, .. }
-                        | Request::Trim { offset, length, .. } | Request::Cache { offset, length }
-                        | Request::WriteZeroes { offset, length, .. }) => {
-                        prop_assert!(offset + u64::from(length) <= size);
+    /// Hostile input: every parser of the handshake and of requests, fed
+    /// arbitrary and nearly-valid bytes, must never panic, and what it
+    /// accepts must be within the limits it enforces.
+    /// `PROPTEST_CASES=100000 cargo test -p trireme-nbd --lib fuzz` runs them longer.
+    mod fuzz {
+        use super::*;
+
+        /// `default` cases, or `PROPTEST_CASES` for a long run.
+        fn cases(default: u32) -> ProptestConfig {
+            let n = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok());
+            ProptestConfig::with_cases(n.unwrap_or(default))
+        }
+
+        /// Values near the limits the validator checks against.
+        fn edge_u64() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                any::<u64>(),
+                Just(0u64),
+                Just(u64::MAX),
+                (0u64..4096).prop_map(|d| u64::MAX - d),
+                0u64..(1 << 21),
+                (0u64..4096).prop_map(|d| (1u64 << 20).saturating_sub(d)),
+            ]
+        }
+
+        fn edge_u32() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                any::<u32>(),
+                Just(0u32),
+                Just(u32::MAX),
+                (0u32..4).prop_map(|d| MAX_PAYLOAD_BYTES - 1 + d),
+                0u32..8192,
+            ]
+        }
+
+        fn header() -> impl Strategy<Value = RequestHeader> {
+            (
+                prop_oneof![any::<u16>(), 0u16..=31, Just(1u16 << 9)],
+                prop_oneof![0u16..=9, any::<u16>()],
+                any::<u64>(),
+                edge_u64(),
+                edge_u32(),
+            )
+                .prop_map(|(flags, command, handle, offset, length)| RequestHeader {
+                    flags,
+                    command,
+                    handle,
+                    offset,
+                    length,
+                })
+        }
+
+        /// Arbitrary bytes, or an encoded header, possibly damaged or cut.
+        fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..40),
+                (header(), any::<prop::sample::Index>(), any::<u8>(), 0usize..40).prop_map(|(h, at, x, cut)| {
+                    let mut b = BytesMut::new();
+                    encode_request_header(&mut b, &h);
+                    let mut v = b.to_vec();
+                    if x % 3 == 0 {
+                        let i = at.index(v.len());
+                        v[i] ^= x | 1;
                     }
-                    Ok(_) => {}
-                    Err(r) => prop_assert!(r.disconnect || r.skip_payload_bytes <= MAX_PAYLOAD_BYTES),
-                }
+                    if x % 5 == 0 {
+                        v.truncate(cut.min(v.len()));
+                    }
+                    v
+                }),
+            ]
+        }
+
+        fn limits() -> impl Strategy<Value = SessionLimits> {
+            (edge_u64(), any::<bool>()).prop_map(|(export_size_bytes, structured_replies)| SessionLimits {
+                export_size_bytes,
+                structured_replies,
+            })
+        }
+
+        fn range_of(r: &Request) -> Option<(u64, u32)> {
+            match *r {
+                Request::Read { offset, length }
+                | Request::Write { offset, length, .. }
+                | Request::Trim { offset, length, .. }
+                | Request::Cache { offset, length }
+                | Request::WriteZeroes { offset, length, .. } => Some((offset, length)),
+                Request::Disconnect | Request::Flush => None,
             }
         }
 
-        #[test]
-        fn request_header_round_trip(flags: u16, command: u16, handle: u64, offset: u64, length: u32) {
-            let h = RequestHeader { flags, command, handle, offset, length };
-            let mut b = BytesMut::new();
-            encode_request_header(&mut b, &h);
-            prop_assert_eq!(parse_request_header(&b), Ok(Some(h)));
+        /// Arbitrary option data, or INFO/GO data whose name length and
+        /// request count may lie about what follows.
+        fn option_data() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..80),
+                (
+                    prop::collection::vec(any::<u8>(), 0..12),
+                    prop_oneof![Just(None), any::<u32>().prop_map(Some), (0u32..16).prop_map(Some)],
+                    prop::collection::vec(any::<u16>(), 0..6),
+                    prop_oneof![Just(None), any::<u16>().prop_map(Some), (0u16..8).prop_map(Some)],
+                    0usize..4,
+                )
+                    .prop_map(|(name, name_len, reqs, count, cut)| {
+                        let mut d = BytesMut::new();
+                        d.put_u32(name_len.unwrap_or(name.len() as u32));
+                        d.put_slice(&name);
+                        d.put_u16(count.unwrap_or(reqs.len() as u16));
+                        for r in &reqs {
+                            d.put_u16(*r);
+                        }
+                        let mut v = d.to_vec();
+                        v.truncate(v.len().saturating_sub(cut));
+                        v
+                    }),
+            ]
         }
 
-        #[test]
-        fn option_parser_never_panics(option in 0u32..16, data in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let _ = parse_option(option, &data);
+        proptest! {
+            #![proptest_config(cases(512))]
+
+            #[test]
+            fn fuzz_request_header_parse_and_validate(bytes in header_bytes(), limits in limits()) {
+                let parsed = parse_request_header(&bytes);
+                match parsed {
+                    Ok(None) => prop_assert!(bytes.len() < REQUEST_HEADER_LEN),
+                    Err(FrameError::BadRequestMagic(m)) => {
+                        prop_assert!(bytes.len() >= REQUEST_HEADER_LEN && m != REQUEST_MAGIC);
+                    }
+                    Err(e) => prop_assert!(false, "unexpected frame error {e}"),
+                    Ok(Some(h)) => {
+                        // What was parsed is exactly the first 28 bytes.
+                        let mut again = BytesMut::new();
+                        encode_request_header(&mut again, &h);
+                        prop_assert_eq!(&again[..], &bytes[..REQUEST_HEADER_LEN]);
+                        match validate_request(&h, &limits) {
+                            Ok(r) => {
+                                if let Some((offset, length)) = range_of(&r) {
+                                    let end = offset.checked_add(u64::from(length));
+                                    prop_assert!(end.is_some_and(|e| e <= limits.export_size_bytes),
+                                        "accepted {:?} past the export size {}", r, limits.export_size_bytes);
+                                }
+                                if let Request::Read { length, .. } | Request::Write { length, .. } = r {
+                                    prop_assert!(length <= MAX_PAYLOAD_BYTES);
+                                }
+                                let allowed = if h.command == cmd::WRITE_ZEROES {
+                                    cmd_flag::FUA | cmd_flag::NO_HOLE | cmd_flag::FAST_ZERO
+                                } else {
+                                    cmd_flag::FUA
+                                };
+                                prop_assert_eq!(h.flags & !allowed, 0, "unknown flags accepted");
+                                prop_assert!(h.command <= cmd::WRITE_ZEROES);
+                            }
+                            Err(refused) => {
+                                // A refused WRITE's payload is still on the wire: it is
+                                // skipped exactly, or the session ends when it is too big.
+                                let payload = if h.command == cmd::WRITE { h.length } else { 0 };
+                                if payload > MAX_PAYLOAD_BYTES {
+                                    prop_assert!(refused.disconnect && refused.skip_payload_bytes == 0);
+                                } else {
+                                    prop_assert!(!refused.disconnect);
+                                    prop_assert_eq!(refused.skip_payload_bytes, payload);
+                                }
+                                prop_assert!(!refused.message.is_empty());
+                            }
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn fuzz_request_header_round_trip(h in header()) {
+                let mut b = BytesMut::new();
+                encode_request_header(&mut b, &h);
+                prop_assert_eq!(b.len(), REQUEST_HEADER_LEN);
+                prop_assert_eq!(parse_request_header(&b), Ok(Some(h)));
+                // Any prefix is "incomplete", never an error or a panic.
+                for n in 0..REQUEST_HEADER_LEN {
+                    prop_assert_eq!(parse_request_header(&b[..n]), Ok(None));
+                }
+            }
+
+            #[test]
+            fn fuzz_client_flags(bytes in prop::collection::vec(any::<u8>(), 0..8), low in 0u32..8) {
+                for b in [bytes.clone(), low.to_be_bytes().to_vec()] {
+                    match parse_client_flags(&b) {
+                        Ok(None) => prop_assert!(b.len() < 4),
+                        Ok(Some(f)) => {
+                            let v = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                            prop_assert_eq!(v & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES), 0);
+                            prop_assert_eq!(f.fixed_newstyle, v & FLAG_C_FIXED_NEWSTYLE != 0);
+                            prop_assert_eq!(f.no_zeroes, v & FLAG_C_NO_ZEROES != 0);
+                        }
+                        Err(FrameError::UnknownClientFlags(v)) => {
+                            prop_assert!(v & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0);
+                        }
+                        Err(e) => prop_assert!(false, "unexpected frame error {e}"),
+                    }
+                }
+            }
+
+            #[test]
+            fn fuzz_option_header(
+                magic in prop_oneof![Just(IHAVEOPT), any::<u64>()],
+                option: u32,
+                length in prop_oneof![any::<u32>(), Just(MAX_OPTION_DATA_BYTES + 1), 0u32..64],
+                cut in 0usize..=OPTION_HEADER_LEN,
+            ) {
+                let mut b = BytesMut::new();
+                b.put_u64(magic);
+                b.put_u32(option);
+                b.put_u32(length);
+                match parse_option_header(&b[..cut]) {
+                    Ok(None) => prop_assert!(cut < OPTION_HEADER_LEN),
+                    Ok(Some(h)) => {
+                        prop_assert!(cut == OPTION_HEADER_LEN && magic == IHAVEOPT);
+                        prop_assert_eq!(h, OptionHeader { option, length });
+                    }
+                    Err(FrameError::BadOptionMagic(m)) => prop_assert!(cut == OPTION_HEADER_LEN && m == magic && m != IHAVEOPT),
+                    Err(e) => prop_assert!(false, "unexpected frame error {e}"),
+                }
+            }
+
+            #[test]
+            fn fuzz_parse_option_every_code(
+                option in prop_oneof![0u32..=12, any::<u32>()],
+                data in option_data(),
+            ) {
+                let parsed = parse_option(option, &data);
+                match (option, &parsed) {
+                    (opt::INFO | opt::GO, Ok(ClientOption::Info { name, requests } | ClientOption::Go { name, requests })) => {
+                        // Accepted only when both lengths tell the truth.
+                        prop_assert_eq!(data.len(), 4 + name.len() + 2 + 2 * requests.len());
+                        prop_assert_eq!(u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize, name.len());
+                        prop_assert_eq!(&data[4..4 + name.len()], name.as_bytes());
+                        prop_assert_eq!(parsed.clone().is_ok_and(|o| matches!(o, ClientOption::Go { .. })), option == opt::GO);
+                    }
+                    (opt::INFO | opt::GO, Err(e)) => prop_assert!(!e.0.is_empty()),
+                    (opt::EXPORT_NAME, r) => prop_assert_eq!(r.is_ok(), std::str::from_utf8(&data).is_ok()),
+                    (opt::LIST | opt::STARTTLS | opt::STRUCTURED_REPLY, r) => prop_assert_eq!(r.is_ok(), data.is_empty()),
+                    (opt::ABORT, r) => prop_assert_eq!(r, &Ok(ClientOption::Abort)),
+                    (opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT | opt::EXTENDED_HEADERS, r) => prop_assert!(r.is_ok()),
+                    (n, r) if n > opt::EXTENDED_HEADERS || n == 0 || n == opt::PEEK_EXPORT => {
+                        prop_assert_eq!(r, &Ok(ClientOption::Unknown(n)));
+                    }
+                    (n, r) => prop_assert!(false, "option {n} gave {r:?}"),
+                }
+            }
+
+            /// The option phase as a pure state machine over one arbitrary
+            /// byte stream: client flags, then options whose headers may
+            /// carry any magic and whose lengths may exceed what follows.
+            /// Each step consumes exactly the bytes it claims, and the walk
+            /// always ends (incomplete, hard disconnect, or a final option).
+            #[test]
+            fn fuzz_option_phase_stream(
+                flags in prop_oneof![0u32..4, any::<u32>()],
+                options in prop::collection::vec(
+                    (prop_oneof![Just(IHAVEOPT), any::<u64>()], prop_oneof![0u32..=12, any::<u32>()], option_data(),
+                     prop_oneof![Just(None), any::<u32>().prop_map(Some), (0u32..100).prop_map(Some)]),
+                    0..6),
+                trailer in prop::collection::vec(any::<u8>(), 0..24),
+            ) {
+                let mut stream = BytesMut::new();
+                stream.put_u32(flags);
+                for (magic, option, data, lie) in &options {
+                    stream.put_u64(*magic);
+                    stream.put_u32(*option);
+                    stream.put_u32(lie.unwrap_or(data.len() as u32));
+                    stream.put_slice(data);
+                }
+                stream.put_slice(&trailer);
+                let s = &stream[..];
+                let Ok(Some(_)) = parse_client_flags(s) else { return Ok(()) };
+                let mut at = 4;
+                let mut steps = 0;
+                loop {
+                    steps += 1;
+                    prop_assert!(steps <= options.len() + trailer.len() + 1, "the walk does not advance");
+                    let h = match parse_option_header(&s[at..]) {
+                        Ok(Some(h)) => h,
+                        Ok(None) => break,
+                        Err(FrameError::BadOptionMagic(_)) => break,
+                        Err(e) => { prop_assert!(false, "unexpected frame error {e}"); unreachable!() }
+                    };
+                    at += OPTION_HEADER_LEN;
+                    let len = h.length as usize;
+                    if h.length > MAX_OPTION_DATA_BYTES || s.len() - at < len {
+                        // Skipped (or waited for) without being parsed.
+                        break;
+                    }
+                    let data = &s[at..at + len];
+                    at += len;
+                    // These end the option phase; every other option, valid
+                    // or not, gets a reply and the phase goes on.
+                    if let Ok(ClientOption::ExportName(_) | ClientOption::Abort | ClientOption::Go { .. }) =
+                        parse_option(h.option, data)
+                    {
+                        break;
+                    }
+                }
+                prop_assert!(at <= s.len());
+            }
         }
     }
 }

@@ -86,6 +86,8 @@ struct FsStats {
     /// when closing it syncs both of its files in a row, so a second failure
     /// would panic during the first one's unwinding and abort the process.
     sync_failed: AtomicBool,
+    /// Why that fdatasync failed: raft-engine's panic says only "unwrap".
+    sync_error: Mutex<Option<String>>,
     #[cfg(test)]
     fail_syncs: AtomicBool,
 }
@@ -117,6 +119,9 @@ impl Handle for CountingHandle {
         if self.stats.sync_failed.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // What was written is in the page cache; nothing is durable yet.
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::crash_point(crate::failpoints::CRASH_LOG_AFTER_WRITE);
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         #[cfg(test)]
         let result = if self.stats.fail_syncs.load(Ordering::SeqCst) {
@@ -124,10 +129,16 @@ impl Handle for CountingHandle {
         } else {
             self.fd.sync()
         };
-        #[cfg(not(test))]
+        #[cfg(all(not(test), feature = "failpoints"))]
+        let result = match crate::failpoints::injected_io_error(crate::failpoints::LOG_FSYNC) {
+            Some(e) => Err(e),
+            None => self.fd.sync(),
+        };
+        #[cfg(all(not(test), not(feature = "failpoints")))]
         let result = self.fd.sync();
-        if result.is_err() {
+        if let Err(e) = &result {
             self.stats.sync_failed.store(true, Ordering::SeqCst);
+            lock(&self.stats.sync_error).get_or_insert_with(|| e.to_string());
         }
         result
     }
@@ -260,6 +271,15 @@ impl Shared {
         lock(&self.failed).get_or_insert(reason);
     }
 
+    /// Why raft-engine panicked while `doing` something: a failed
+    /// fdatasync if that is what it was, else its panic message.
+    fn panic_reason(&self, doing: &str, panic: &(dyn std::any::Any + Send)) -> String {
+        match lock(&self.stats.sync_error).as_deref() {
+            Some(e) => format!("fdatasync failed while {doing}: {e}"),
+            None => format!("raft-engine panicked while {doing}: {}", panic_message(panic)),
+        }
+    }
+
     fn span(&self, group: u64) -> Span {
         self.engine.first_index(group).zip(self.engine.last_index(group))
     }
@@ -346,14 +366,22 @@ impl Shared {
         if accepted.is_empty() {
             return;
         }
-        let outcome = match catch_unwind(AssertUnwindSafe(|| self.engine.write(&mut lb, must_sync))) {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(panic) => {
-                let reason = format!("raft-engine panicked while writing: {}", panic_message(&*panic));
-                self.fail(reason.clone());
-                Err(reason)
-            }
+        #[cfg(feature = "failpoints")]
+        let injected = crate::failpoints::injected_io_error(crate::failpoints::LOG_WRITE);
+        #[cfg(not(feature = "failpoints"))]
+        let injected: Option<io::Error> = None;
+        let outcome = match injected {
+            // As a failed pwrite: nothing of the batch is in the log.
+            Some(e) => Err(e.to_string()),
+            None => match catch_unwind(AssertUnwindSafe(|| self.engine.write(&mut lb, must_sync))) {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(panic) => {
+                    let reason = self.panic_reason("writing", &*panic);
+                    self.fail(reason.clone());
+                    Err(reason)
+                }
+            },
         };
         let failed = lock(&self.failed).is_some();
         for reply in accepted {
@@ -685,7 +713,7 @@ impl RaftLogStore for EngineLog {
                 reason: format!("purging old files: {e}"),
             }),
             Err(panic) => {
-                let reason = format!("raft-engine panicked while purging: {}", panic_message(&*panic));
+                let reason = s.panic_reason("purging", &*panic);
                 s.fail(reason.clone());
                 Err(LogError::Failed {
                     dir: s.dir.clone(),

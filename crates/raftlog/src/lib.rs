@@ -19,11 +19,14 @@
 //!
 //! Implementations: [`EngineLog`] (production, TiKV's raft-engine), [`MemLog`]
 //! (in memory, crashable, for unit tests and the simulator) and [`FaultyLog`]
-//! (wraps either, injects I/O errors).
+//! (wraps either, injects I/O errors). With the `failpoints` feature the
+//! engine also carries the [`failpoints`] that triremed's fault-injection
+//! API configures in a running node.
 
 mod codec;
 mod engine;
 mod error;
+pub mod failpoints;
 mod faulty;
 mod mem;
 mod plan;

@@ -17,6 +17,12 @@
 //! valid batch follows it: the writer makes each batch durable before it
 //! writes the next, so only the last write can be torn, and a valid batch
 //! after a broken one means the broken one had been synced.
+//!
+//! The search for a following batch trusts nothing of the broken batch but
+//! the bounds of its entries block (user data, which may hold anything that
+//! looks like a batch): the batch header has no checksum, so a damaged
+//! length must not hide the batches after it, and a damaged version field
+//! must not change which file signature the search looks for.
 
 use std::fs::File;
 use std::io;
@@ -122,10 +128,11 @@ enum Batch {
     Valid {
         len: u64,
     },
-    /// `end` is where the batch ends if its header is intact.
+    /// `entries_end`: where the entries block (user data) ends, if the
+    /// header is plausible.
     Broken {
         reason: String,
-        end: Option<u64>,
+        entries_end: Option<u64>,
     },
 }
 
@@ -199,16 +206,23 @@ fn check_batch(
     if room < BATCH_HEADER_LEN {
         return Ok(Batch::Broken {
             reason: format!("{room} bytes left, too few for a batch header"),
-            end: None,
+            entries_end: None,
         });
     }
     let mut h = [0u8; BATCH_HEADER_LEN as usize];
     read_exact(f, path, &mut h, off)?;
     let (len, items) = match plausible_header(&h, room) {
         Ok(v) => v,
-        Err(reason) => return Ok(Batch::Broken { reason, end: None }),
+        Err(reason) => {
+            return Ok(Batch::Broken {
+                reason,
+                entries_end: None,
+            });
+        }
     };
-    let end = Some(off + len);
+    // Not `off + len`: the length is not checksummed, and a damaged one
+    // would send the search for a following batch past the real ones.
+    let entries_end = Some(off + items);
     if items > BATCH_HEADER_LEN {
         let data_len = items - BATCH_HEADER_LEN - CHECKSUM_LEN;
         let actual = crc_range(f, path, off + BATCH_HEADER_LEN, data_len, buf)?;
@@ -218,7 +232,7 @@ fn check_batch(
         if actual != stored {
             return Ok(Batch::Broken {
                 reason: format!("entries checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"),
-                end,
+                entries_end,
             });
         }
     }
@@ -230,7 +244,7 @@ fn check_batch(
     if actual != stored {
         return Ok(Batch::Broken {
             reason: format!("item checksum mismatch: stored {stored:#010x}, computed {actual:#010x}"),
-            end,
+            entries_end,
         });
     }
     Ok(Batch::Valid { len })
@@ -250,13 +264,14 @@ fn all_zero(f: &File, path: &Path, off: u64, len: u64, buf: &mut Vec<u8>) -> Res
     Ok(true)
 }
 
-/// The first offset at or after `from` where a whole valid batch starts.
+/// The first offset at or after `from` where a whole valid batch, signed
+/// with any of `signatures`, starts.
 fn find_valid_batch(
     f: &File,
     path: &Path,
     size: u64,
     from: u64,
-    signature: u32,
+    signatures: &[u32],
     buf: &mut Vec<u8>,
 ) -> Result<Option<u64>, LogError> {
     let mut window = vec![0u8; CHUNK + BATCH_HEADER_LEN as usize];
@@ -267,10 +282,13 @@ fn find_valid_batch(
         let last_start = n - BATCH_HEADER_LEN as usize;
         for i in 0..=last_start {
             let off = base + i as u64;
-            if plausible_header(&window[i..i + BATCH_HEADER_LEN as usize], size - off).is_ok()
-                && let Batch::Valid { .. } = check_batch(f, path, size, off, signature, buf)?
-            {
-                return Ok(Some(off));
+            if plausible_header(&window[i..i + BATCH_HEADER_LEN as usize], size - off).is_err() {
+                continue;
+            }
+            for &signature in signatures {
+                if let Batch::Valid { .. } = check_batch(f, path, size, off, signature, buf)? {
+                    return Ok(Some(off));
+                }
             }
         }
         base += last_start as u64 + 1;
@@ -281,11 +299,12 @@ fn find_valid_batch(
 /// Where a file's valid content ends.
 enum FileEnd {
     Clean,
-    /// `end`: where the broken batch ends, if its header is intact.
+    /// `entries_end`: where the broken batch's entries block ends, if its
+    /// header is plausible.
     Broken {
         offset: u64,
         reason: String,
-        end: Option<u64>,
+        entries_end: Option<u64>,
     },
 }
 
@@ -302,7 +321,7 @@ fn walk_file(f: &File, path: &Path, seq: u64, size: u64, buf: &mut Vec<u8>) -> R
         end: FileEnd::Broken {
             offset,
             reason,
-            end: None,
+            entries_end: None,
         },
         batches: 0,
         signature,
@@ -347,12 +366,12 @@ fn walk_file(f: &File, path: &Path, seq: u64, size: u64, buf: &mut Vec<u8>) -> R
                 off += len;
                 batches += 1;
             }
-            Batch::Broken { reason, end } => {
+            Batch::Broken { reason, entries_end } => {
                 return Ok(Walk {
                     end: FileEnd::Broken {
                         offset: off,
                         reason,
-                        end,
+                        entries_end,
                     },
                     batches,
                     signature,
@@ -389,7 +408,12 @@ pub(crate) fn verify_dir(dir: &Path) -> Result<Report, LogError> {
             let walk = walk_file(&f, path, name.seq, size, &mut buf)?;
             report.files += 1;
             report.batches += walk.batches;
-            let FileEnd::Broken { offset, reason, end } = walk.end else {
+            let FileEnd::Broken {
+                offset,
+                reason,
+                entries_end,
+            } = walk.end
+            else {
                 continue;
             };
             if !is_last {
@@ -402,11 +426,17 @@ pub(crate) fn verify_dir(dir: &Path) -> Result<Report, LogError> {
             // The rewrite queue syncs only every few batches, so its tail
             // may hold any unsynced mix; its content is also still in the
             // append queue until a rewrite is synced.
-            // Past a broken batch whose header is intact, look only after
-            // its end: its inside is user data, which may hold anything.
-            let probe_from = end.unwrap_or(offset + 1);
+            // Past a broken batch whose header is plausible, look only
+            // after its entries block: that is user data, which may hold
+            // anything. Look for the v2 signature too: a version field
+            // damaged to read 1 makes the walk expect unsigned batches.
+            let probe_from = entries_end.unwrap_or(offset + 1).max(offset + 1);
+            let mut signatures = vec![walk.signature];
+            if walk.signature != name.seq as u32 {
+                signatures.push(name.seq as u32);
+            }
             if queue == Queue::Append
-                && let Some(next) = find_valid_batch(&f, path, size, probe_from, walk.signature, &mut buf)?
+                && let Some(next) = find_valid_batch(&f, path, size, probe_from, &signatures, &mut buf)?
             {
                 return Err(LogError::Corrupt {
                     file: path.to_path_buf(),

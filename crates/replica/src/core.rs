@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::storage::MemStorage;
 use raft::{RawNode, ReadState, StateRole};
 use tracing::{error, warn};
@@ -62,15 +62,29 @@ pub enum ProposeError {
     Raft(String),
 }
 
-/// Why a proposal that reached the log did not take effect.
+/// Why a proposal that reached the log did not take effect, or why its
+/// proposer cannot tell whether it did.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
     /// The entry was written under an older writer epoch (fencing).
     #[error("fenced: entry epoch {entry_epoch} is older than the volume's epoch {current_epoch}")]
     Fenced { entry_epoch: u64, current_epoch: u64 },
-    /// Another leader's entry took this proposal's log index; propose again.
+    /// Another leader's entry took this proposal's log index: it did not
+    /// take effect, and never will (an index holds one committed entry, and
+    /// an entry never moves to another index), so proposing it again is
+    /// safe. Reported only once the committed entry at the proposal's index
+    /// is applied here and is not the proposal: an entry of another term
+    /// (Log Matching: same index and term is the same entry), a new
+    /// leader's empty entry, or a membership change.
     #[error("superseded by a newer leader's entry")]
     Superseded,
+    /// Its outcome is unknown: a snapshot from the leader replaced this
+    /// replica's log past the proposal's index, so the entry committed at
+    /// that index (this proposal, or another leader's) is never applied
+    /// here to compare. It may well have taken effect: it must not be
+    /// proposed again (a retry could apply it twice, after a later write).
+    #[error("outcome unknown: a snapshot from the leader replaced the log")]
+    Unknown,
     /// The committed entry does not decode; every replica skips it alike.
     #[error("corrupt entry: {0}")]
     Corrupt(String),
@@ -119,13 +133,62 @@ pub struct Output {
     pub role: Option<(StateRole, u64)>,
     /// A membership change was applied; persist it with the log.
     pub conf_state: Option<ConfState>,
-    /// A snapshot from the leader replaced this replica's log: (index,
-    /// term). The state machine is reset; the driver must copy the volume
-    /// as of at least that index (fuzzy copy, then the log's entries after
-    /// it are replayed over it), call [`Replica::finish_install`], and only
-    /// then persist `persist` (which carries the snapshot) and poll again.
-    pub install: Option<(u64, u64)>,
+    /// A snapshot from the leader replaced this replica's log. The state
+    /// machine is reset; the driver must copy the volume as of at least its
+    /// index (fuzzy copy, then the log's entries after it are replayed over
+    /// it), call [`Replica::finish_install`], and only then persist
+    /// `persist` (which carries the snapshot) and poll again. Our proposals
+    /// the snapshot covers are resolved as [`ApplyError::Unknown`] in the
+    /// same Output.
+    pub install: Option<SnapshotInstall>,
 }
+
+/// A snapshot to install (see [`Output::install`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotInstall {
+    pub index: u64,
+    pub term: u64,
+    /// Writer epoch and attached node as of `index`, as the leader that
+    /// made the snapshot computed them from its committed log and stamped
+    /// them on it; None from a leader that did not (an older version): the
+    /// driver then asks the replicas ([`Replica::epoch_at`]).
+    pub epoch: Option<(u64, u64)>,
+}
+
+/// Marks a snapshot's data as its epoch stamp: magic | epoch u64 | attached
+/// node u64 | crc32c u32 over the rest (little endian).
+const SNAPSHOT_EPOCH_MAGIC: &[u8; 8] = b"TRISNEP1";
+const SNAPSHOT_EPOCH_BYTES: usize = 28;
+
+/// The data a leader puts in a snapshot it sends: the epoch and attached
+/// node as of the snapshot's index.
+pub fn encode_snapshot_epoch(epoch: u64, attached_node: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SNAPSHOT_EPOCH_BYTES);
+    v.extend_from_slice(SNAPSHOT_EPOCH_MAGIC);
+    v.extend_from_slice(&epoch.to_le_bytes());
+    v.extend_from_slice(&attached_node.to_le_bytes());
+    let crc = crc32c::crc32c(&v);
+    v.extend_from_slice(&crc.to_le_bytes());
+    v
+}
+
+/// (epoch, attached node) if `data` is a valid epoch stamp.
+pub fn decode_snapshot_epoch(data: &[u8]) -> Option<(u64, u64)> {
+    if data.len() != SNAPSHOT_EPOCH_BYTES || &data[..8] != SNAPSHOT_EPOCH_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(data[24..28].try_into().ok()?);
+    if crc32c::crc32c(&data[..24]) != crc {
+        return None;
+    }
+    let epoch = u64::from_le_bytes(data[8..16].try_into().ok()?);
+    let attached = u64::from_le_bytes(data[16..24].try_into().ok()?);
+    Some((epoch, attached))
+}
+
+/// Attach records kept in [`VolumeState::attach_history`]; attaches are
+/// rare, so this reaches far back.
+pub const MAX_ATTACH_HISTORY: usize = 1024;
 
 /// The replicated volume state machine.
 #[derive(Debug, Default)]
@@ -136,31 +199,51 @@ pub struct VolumeState {
     pub attached_node: u64,
     pub cache: WriteCache,
     pub applied_index: u64,
-    /// (index, epoch, attached node) at each attach applied since the last
-    /// restart or snapshot, the first being the state at that point: a
-    /// snapshot's receiver asks the epoch as of the snapshot index.
+    /// (index, epoch, attached node) from which the epoch and attached
+    /// node were these: the state at the last restart or snapshot install,
+    /// then one record per attach applied since, ascending, at most
+    /// [`MAX_ATTACH_HISTORY`] (the oldest go first). It answers
+    /// [`VolumeState::epoch_at`] for the indexes from its first record to
+    /// the applied index, and for no others.
     pub attach_history: Vec<(u64, u64, u64)>,
     /// A snapshot install is under way: no reads are served meanwhile.
     pub installing: bool,
 }
 
 impl VolumeState {
-    /// Epoch and attached node as of `index` (which must not be older than
-    /// the first history record; older answers the oldest known).
-    pub fn epoch_at(&self, index: u64) -> (u64, u64) {
+    /// Epoch and attached node as of applied `index`, if the attach history
+    /// covers it: None before its first record (the state then is not known
+    /// here: a restart or snapshot install point, or a record dropped from
+    /// the bounded history), past the applied index (an attach may come
+    /// before it), and during a snapshot install. Never a guess.
+    pub fn epoch_at(&self, index: u64) -> Option<(u64, u64)> {
+        if self.installing || index > self.applied_index {
+            return None;
+        }
+        let first = self.attach_history.first()?;
+        if index < first.0 {
+            return None;
+        }
         self.attach_history
             .iter()
             .rev()
             .find(|(i, _, _)| *i <= index)
-            .or(self.attach_history.first())
             .map(|(_, e, n)| (*e, *n))
-            .unwrap_or((self.epoch, self.attached_node))
+    }
+
+    /// Records an attach applied at `index`, keeping the history bounded:
+    /// dropping the oldest record moves the first covered index up to the
+    /// next one (whose record holds from there on).
+    fn record_attach(&mut self, index: u64) {
+        self.attach_history.push((index, self.epoch, self.attached_node));
+        if self.attach_history.len() > MAX_ATTACH_HISTORY {
+            self.attach_history.remove(0);
+        }
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
-    term: u64,
     token: u64,
     /// Write bytes counted in `inflight_bytes` until it is resolved.
     bytes: u64,
@@ -170,8 +253,12 @@ pub struct Replica {
     id: u64,
     node: RawNode<MemStorage>,
     state: VolumeState,
-    /// Our proposals in the log, by index.
-    pending: BTreeMap<u64, Pending>,
+    /// Our proposals in the log, by (index, term). Two of ours can share an
+    /// index: a proposal of an older term whose entry a new leader truncated
+    /// away, and ours of this term at the same index (the old one may still
+    /// be committed by a later leader that holds it: the entry committed at
+    /// the index decides, see `complete`).
+    pending: BTreeMap<(u64, u64), Pending>,
     max_cache_bytes: u64,
     /// Write bytes proposed but not yet applied, counted against the cache bound.
     inflight_bytes: u64,
@@ -278,6 +365,74 @@ impl Replica {
     pub fn state(&self) -> &VolumeState {
         &self.state
     }
+
+    /// Epoch and attached node as of committed `index`: from the attach
+    /// history up to the applied index ([`VolumeState::epoch_at`]), and past
+    /// it from the applied state plus the attaches the log holds up to
+    /// `index` (the log is never compacted past the applied index, and
+    /// committed entries are the same on every replica). None when neither
+    /// covers `index`, or it is not known to be committed here.
+    pub fn epoch_at(&self, index: u64) -> Option<(u64, u64)> {
+        let applied = self.state.applied_index;
+        if self.state.installing || index <= applied {
+            return self.state.epoch_at(index);
+        }
+        if index > self.commit_index() || index > self.last_index() {
+            return None;
+        }
+        let ctx = raft::GetEntriesContext::empty(false);
+        let entries = self
+            .node
+            .raft
+            .raft_log
+            .slice(applied + 1, index + 1, None::<u64>, ctx)
+            .ok()?;
+        if entries.len() as u64 != index - applied {
+            return None;
+        }
+        let mut at = (self.state.epoch, self.state.attached_node);
+        for e in &entries {
+            // As apply_op: an attach that decodes starts the next epoch. An
+            // attach entry is a bare header; nothing longer needs decoding.
+            if e.get_entry_type() == EntryType::EntryNormal
+                && e.data.len() == crate::op::HEADER_BYTES
+                && let Ok(EntryOp {
+                    op: VolumeOp::Attach { node_id },
+                    ..
+                }) = EntryOp::decode(&e.data)
+            {
+                at = (at.0 + 1, node_id);
+            }
+        }
+        Some(at)
+    }
+
+    /// Stamps each snapshot this leader sends with the epoch and attached
+    /// node as of its index, which its receiver needs and which only a
+    /// replica whose history or log covers that index can tell: this one
+    /// can, as the snapshot index is the commit index it recorded at its
+    /// last Ready (raft-rs' MemStorage::snapshot), at or past the applied
+    /// index, and the log holds everything after the applied index. A
+    /// snapshot passed on as received (raft's unstable snapshot) keeps its
+    /// stamp.
+    fn stamp_snapshots(&self, messages: &mut [Message]) {
+        for m in messages.iter_mut() {
+            if m.get_msg_type() != MessageType::MsgSnapshot || decode_snapshot_epoch(&m.get_snapshot().data).is_some() {
+                continue;
+            }
+            let index = m.get_snapshot().get_metadata().index;
+            match self.epoch_at(index) {
+                Some((epoch, attached)) => m.mut_snapshot().data = encode_snapshot_epoch(epoch, attached).into(),
+                None => warn!(
+                    replica = self.id,
+                    index,
+                    applied = self.state.applied_index,
+                    "cannot stamp the snapshot with its epoch; the receiver will ask the replicas"
+                ),
+            }
+        }
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.state.applied_index
     }
@@ -440,14 +595,7 @@ impl Replica {
         let index = self.last_index();
         // A leader appends a proposal to its own log at once.
         assert_eq!(index, before + 1, "proposal did not land at the next log index");
-        self.pending.insert(
-            index,
-            Pending {
-                term: self.term(),
-                token,
-                bytes,
-            },
-        );
+        self.pending.insert((index, self.term()), Pending { token, bytes });
         self.inflight_bytes += bytes;
         Ok(())
     }
@@ -462,6 +610,13 @@ impl Replica {
     /// ranges to fetch from the image. Call only once `applied_index()` has
     /// reached a confirmed read index.
     pub fn read(&self, offset: u64, length: u64) -> Vec<Segment> {
+        // Mid-install the cache is empty and the image half copied: a read
+        // here would return old data. The driver must hold reads back.
+        assert!(
+            !self.state.installing,
+            "replica {}: read during a snapshot install",
+            self.id
+        );
         self.state.cache.read(offset, length)
     }
 
@@ -475,6 +630,7 @@ impl Replica {
             messages: rd.take_messages(),
             ..Output::default()
         };
+        self.stamp_snapshots(&mut out.messages);
         if let Some(ss) = rd.ss() {
             let role = (ss.raft_state, ss.leader_id);
             if role != self.role {
@@ -486,18 +642,35 @@ impl Replica {
         let snapshot = rd.snapshot().clone();
         if !snapshot.is_empty() {
             let meta = snapshot.get_metadata();
+            // Our proposals up to the snapshot index will never be applied
+            // here: the entry committed at each such index (ours, or another
+            // leader's) is inside the snapshot. Their outcome is unknown,
+            // and settled now rather than when the next entry applies.
+            let later = self.pending.split_off(&(meta.index + 1, 0));
+            for (_, p) in std::mem::replace(&mut self.pending, later) {
+                self.inflight_bytes -= p.bytes;
+                out.completions.push(Completion {
+                    token: p.token,
+                    result: Err(ApplyError::Unknown),
+                });
+            }
             // The leader's state replaces ours; the driver fills it in.
             self.state.cache = WriteCache::new();
             self.state.applied_index = meta.index;
             self.state.installing = true;
             self.state.attach_history.clear();
-            out.install = Some((meta.index, meta.term));
+            out.install = Some(SnapshotInstall {
+                index: meta.index,
+                term: meta.term,
+                epoch: decode_snapshot_epoch(&snapshot.data),
+            });
         }
         let committed = rd.take_committed_entries();
         self.apply(committed, &mut out);
         let entries = rd.take_entries();
         let hard_state = rd.hs().cloned();
-        let messages_after = rd.take_persisted_messages();
+        let mut messages_after = rd.take_persisted_messages();
+        self.stamp_snapshots(&mut messages_after);
         {
             // raft must be able to read these back before advance_append_async;
             // durability is the driver's, acknowledged through on_persisted.
@@ -570,26 +743,30 @@ impl Replica {
         }
     }
 
+    /// The committed entry (`index`, `term`) was applied with `result`:
+    /// resolves our proposals at that index.
     fn complete(&mut self, out: &mut Output, index: u64, term: u64, result: Result<u64, ApplyError>) {
-        // Anything of ours below this index that was not resolved lost its slot.
-        while let Some((&i, _)) = self.pending.first_key_value() {
-            if i >= index {
+        while let Some((&(i, t), _)) = self.pending.first_key_value() {
+            if i > index {
                 break;
             }
-            if let Some((_, p)) = self.pending.pop_first() {
-                self.inflight_bytes -= p.bytes;
-                out.completions.push(Completion {
-                    token: p.token,
-                    result: Err(ApplyError::Superseded),
-                });
-            }
-        }
-        if let Some(p) = self.pending.remove(&index) {
+            let Some((_, p)) = self.pending.pop_first() else { break };
             self.inflight_bytes -= p.bytes;
-            // Same index, other term: another leader's entry replaced ours.
-            let result = if p.term == term {
-                result
+            let result = if i < index {
+                // An index we never applied: a snapshot resolves the ones it
+                // skips, so this is not expected; what was committed there
+                // is not known here, so neither is the outcome.
+                warn!(
+                    replica = self.id,
+                    index = i,
+                    "a proposal's index was never applied here"
+                );
+                Err(ApplyError::Unknown)
+            } else if t == term {
+                // Same index and term: this is our entry (Log Matching).
+                result.clone()
             } else {
+                // Another entry is committed at our index: ours never will be.
                 Err(ApplyError::Superseded)
             };
             out.completions.push(Completion { token: p.token, result });
@@ -636,11 +813,7 @@ impl Replica {
             VolumeOp::Attach { node_id } => {
                 self.state.epoch += 1;
                 self.state.attached_node = node_id;
-                self.state.attach_history.push((index, self.state.epoch, node_id));
-                // Attaches are rare; a long history is still bounded.
-                if self.state.attach_history.len() > 1024 {
-                    self.state.attach_history.remove(1);
-                }
+                self.state.record_attach(index);
                 Ok(index)
             }
             _ if entry.epoch < self.state.epoch => Err(ApplyError::Fenced {
@@ -687,5 +860,388 @@ impl Replica {
     /// cache extents (and, later, compact the log up to here).
     pub fn on_destaged(&mut self, index: u64) {
         self.state.cache.mark_destaged(index.min(self.state.applied_index));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A few replicas wired together in memory: every Ready is handled as
+    /// the daemon's driver does, at once, except that links can be cut and
+    /// a node's log writes held back (a slow disk).
+    struct Cluster {
+        nodes: BTreeMap<u64, Replica>,
+        net: Vec<Message>,
+        /// Links that drop what is sent over them: (from, to).
+        cut: BTreeSet<(u64, u64)>,
+        /// Nodes whose log writes are not acknowledged until released.
+        slow_disk: BTreeSet<u64>,
+        held: BTreeMap<u64, Vec<(u64, Vec<Message>)>>,
+        completions: Vec<Completion>,
+        /// Each install, and the tokens completed in the same Output.
+        installs: Vec<(u64, SnapshotInstall, Vec<u64>)>,
+        next_token: u64,
+    }
+
+    fn config(id: u64) -> ReplicaConfig {
+        let mut c = ReplicaConfig::new(id);
+        c.max_election_tick = c.election_tick + 1;
+        c
+    }
+
+    impl Cluster {
+        fn new(n: u64) -> Cluster {
+            let ids: Vec<u64> = (1..=n).collect();
+            let nodes = ids
+                .iter()
+                .map(|&id| (id, Replica::new(&config(id), &ids).expect("new replica")))
+                .collect();
+            Cluster {
+                nodes,
+                net: Vec::new(),
+                cut: BTreeSet::new(),
+                slow_disk: BTreeSet::new(),
+                held: BTreeMap::new(),
+                completions: Vec::new(),
+                installs: Vec::new(),
+                next_token: 100,
+            }
+        }
+
+        fn r(&mut self, id: u64) -> &mut Replica {
+            self.nodes.get_mut(&id).expect("node")
+        }
+
+        fn isolate(&mut self, id: u64) {
+            for &other in self.nodes.keys() {
+                if other != id {
+                    self.cut.insert((id, other));
+                    self.cut.insert((other, id));
+                }
+            }
+        }
+
+        fn send(&mut self, from: u64, msgs: Vec<Message>) {
+            for m in msgs {
+                if !self.cut.contains(&(from, m.to)) {
+                    self.net.push(m);
+                }
+            }
+        }
+
+        fn handle(&mut self, id: u64, out: Output) {
+            let snapshot_to: Vec<u64> = out
+                .messages
+                .iter()
+                .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+                .map(|m| m.to)
+                .collect();
+            self.send(id, out.messages);
+            for to in snapshot_to {
+                self.r(id).report_snapshot(to, true);
+            }
+            let tokens: Vec<u64> = out.completions.iter().map(|c| c.token).collect();
+            self.completions.extend(out.completions);
+            if let Some(inst) = out.install {
+                self.installs.push((id, inst, tokens));
+                let (epoch, attached) = inst.epoch.expect("the leader stamps its snapshots");
+                self.r(id).finish_install(epoch, attached);
+            }
+            if let Some(task) = out.persist {
+                if self.slow_disk.contains(&id) {
+                    self.held
+                        .entry(id)
+                        .or_default()
+                        .push((task.number, task.messages_after));
+                } else {
+                    self.r(id).on_persisted(task.number);
+                    self.send(id, task.messages_after);
+                }
+            }
+        }
+
+        /// Runs until nothing is left to do.
+        fn pump(&mut self) {
+            loop {
+                let mut busy = false;
+                for id in self.nodes.keys().copied().collect::<Vec<_>>() {
+                    while let Some(out) = self.r(id).poll() {
+                        busy = true;
+                        self.handle(id, out);
+                    }
+                }
+                for m in std::mem::take(&mut self.net) {
+                    busy = true;
+                    let _ = self.r(m.to).step(m);
+                }
+                if !busy {
+                    return;
+                }
+            }
+        }
+
+        /// The slow disk of `id` catches up.
+        fn release(&mut self, id: u64) {
+            self.slow_disk.remove(&id);
+            for (number, msgs) in self.held.remove(&id).unwrap_or_default() {
+                self.r(id).on_persisted(number);
+                self.send(id, msgs);
+            }
+            self.pump();
+        }
+
+        /// `id` campaigns, the others out of their leader lease.
+        fn elect(&mut self, id: u64) {
+            for r in self.nodes.values_mut() {
+                r.expire_leader_lease();
+            }
+            self.r(id).campaign().expect("campaign");
+            self.pump();
+            assert!(self.r(id).is_leader(), "node {id} did not win its election");
+        }
+
+        /// A round of heartbeats from `id`.
+        fn heartbeat(&mut self, id: u64) {
+            for _ in 0..self.r(id).node.raft.heartbeat_timeout() {
+                self.r(id).tick();
+            }
+            self.pump();
+        }
+
+        fn propose(&mut self, id: u64, op: VolumeOp) -> u64 {
+            let token = self.next_token;
+            self.next_token += 1;
+            let epoch = self.r(id).state().epoch;
+            self.r(id).propose(token, epoch, op).expect("propose");
+            token
+        }
+
+        fn write(&mut self, id: u64, offset: u64) -> u64 {
+            let data = Bytes::from(vec![offset as u8 + 1; 512]);
+            self.propose(id, VolumeOp::Write { offset, data })
+        }
+
+        fn outcomes(&self, token: u64) -> Vec<Result<u64, ApplyError>> {
+            self.completions
+                .iter()
+                .filter(|c| c.token == token)
+                .map(|c| c.result.clone())
+                .collect()
+        }
+    }
+
+    /// Seeds 4 and 20 of the simulation: a deposed leader's write commits
+    /// under the next leader, and the deposed leader learns of it only
+    /// through a snapshot. It must not call the write superseded (the
+    /// daemon would propose it again), but unknown, as soon as the
+    /// snapshot arrives.
+    #[test]
+    fn a_pending_proposal_a_snapshot_covers_completes_as_unknown() {
+        let mut c = Cluster::new(3);
+        c.elect(1);
+        let w = c.write(1, 0);
+        c.pump();
+        assert_eq!(c.outcomes(w), vec![Ok(c.r(1).last_index())]);
+        // Node 1's write reaches the others, their answers do not reach it.
+        c.cut.insert((2, 1));
+        c.cut.insert((3, 1));
+        let lost = c.write(1, 512);
+        c.pump();
+        let index = c.r(1).last_index();
+        assert!(c.outcomes(lost).is_empty());
+        assert_eq!(c.r(2).last_index(), index);
+        // Node 2 takes over; its first entry commits node 1's write.
+        c.elect(2);
+        for i in 0..4 {
+            c.write(2, 1024 * (i + 1));
+        }
+        c.pump();
+        let applied = c.r(2).applied_index();
+        assert!(applied > index + 1);
+        c.r(2).on_destaged(applied);
+        assert_eq!(c.r(2).compact(applied), applied);
+        // Node 1 hears of it again: the log it needs is gone, so a snapshot.
+        c.cut.clear();
+        c.heartbeat(2);
+        assert_eq!(c.installs.len(), 1, "node 1 should have installed a snapshot");
+        let (node, inst, ref settled) = c.installs[0];
+        assert_eq!(node, 1);
+        assert!(inst.index > index);
+        assert_eq!(settled, &vec![lost], "settled as soon as the snapshot is seen");
+        assert_eq!(c.outcomes(lost), vec![Err(ApplyError::Unknown)]);
+        assert_eq!(c.r(1).inflight_bytes, 0);
+        assert!(c.r(1).pending.is_empty());
+        // And it never completes again as the log moves on.
+        c.write(2, 0);
+        c.pump();
+        assert_eq!(c.outcomes(lost), vec![Err(ApplyError::Unknown)]);
+        assert_eq!(c.r(1).applied_index(), c.r(2).applied_index());
+    }
+
+    /// A deposed leader's proposals whose entries a new leader truncated
+    /// away are superseded once other entries commit at their indexes,
+    /// even when it leads again and proposes at one of those indexes
+    /// (two pending proposals at one index).
+    #[test]
+    fn truncated_proposals_are_superseded_and_none_is_lost() {
+        let mut c = Cluster::new(3);
+        c.elect(1);
+        c.write(1, 0);
+        c.pump();
+        // Three writes only node 1 has.
+        c.isolate(1);
+        let old: Vec<u64> = (0..3).map(|i| c.write(1, 512 * i)).collect();
+        c.pump();
+        let first_old = c.r(1).last_index() - 2;
+        c.elect(2);
+        assert_eq!(c.r(2).last_index(), first_old);
+        c.cut.clear();
+        c.heartbeat(2);
+        assert_eq!(c.r(1).last_index(), first_old, "node 1's tail is replaced");
+        c.elect(1);
+        let new = c.write(1, 4096);
+        c.pump();
+        assert_eq!(c.r(1).last_index(), first_old + 2, "proposed where an old one was");
+        for t in &old {
+            assert_eq!(c.outcomes(*t), vec![Err(ApplyError::Superseded)], "token {t}");
+        }
+        assert_eq!(c.outcomes(new), vec![Ok(first_old + 2)]);
+        assert_eq!(c.r(1).inflight_bytes, 0);
+    }
+
+    /// Seed 234 of the simulation: the epoch a snapshot's receiver installs
+    /// with is the one as of the snapshot index, which the leader stamps on
+    /// the snapshot, even when that index is past what it has applied (its
+    /// own disk lags while the followers commit).
+    #[test]
+    fn the_snapshot_carries_the_epoch_as_of_its_index() {
+        let mut c = Cluster::new(5);
+        c.elect(1);
+        c.propose(1, VolumeOp::Attach { node_id: 1 });
+        c.write(1, 0);
+        c.pump();
+        assert_eq!(c.r(1).state().epoch, 1);
+        c.isolate(5);
+        for i in 0..4 {
+            c.write(1, 512 * i);
+        }
+        c.pump();
+        let applied = c.r(1).applied_index();
+        c.r(1).on_destaged(applied);
+        c.r(1).compact(applied);
+        // The leader's disk stalls; nodes 2-4 commit an attach without it.
+        c.slow_disk.insert(1);
+        c.propose(1, VolumeOp::Attach { node_id: 3 });
+        c.write(1, 0);
+        c.pump();
+        let commit = c.r(1).commit_index();
+        assert!(commit > applied + 1);
+        assert_eq!(c.r(1).applied_index(), applied);
+        assert_eq!(c.r(1).state().epoch_at(commit), None, "not applied there yet");
+        assert_eq!(c.r(1).epoch_at(commit), Some((2, 3)), "from the log");
+        assert_eq!(c.r(1).epoch_at(commit + 1), None, "not committed");
+        // Node 5 comes back: it needs a snapshot.
+        c.cut.clear();
+        c.heartbeat(1);
+        assert_eq!(c.installs.len(), 1, "node 5 should have installed a snapshot");
+        let (node, inst, _) = c.installs[0];
+        assert_eq!((node, inst.index), (5, commit));
+        assert_eq!(inst.epoch, Some((2, 3)));
+        assert_eq!(c.r(5).state().epoch, 2);
+        assert_eq!(c.r(5).state().epoch_at(commit), Some((2, 3)));
+        assert_eq!(c.r(5).state().epoch_at(commit - 1), None, "before its install point");
+        c.release(1);
+        c.write(1, 0);
+        c.pump();
+        let epochs: Vec<u64> = c.nodes.values().map(|r| r.state().epoch).collect();
+        assert_eq!(epochs, vec![2; 5]);
+    }
+
+    #[test]
+    fn snapshot_epoch_stamps_round_trip_and_damage_is_refused() {
+        let good = encode_snapshot_epoch(7, 3);
+        assert_eq!(decode_snapshot_epoch(&good), Some((7, 3)));
+        assert_eq!(decode_snapshot_epoch(&[]), None);
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(decode_snapshot_epoch(&bad), None, "flip in byte {i}");
+        }
+        assert_eq!(decode_snapshot_epoch(&good[..good.len() - 1]), None);
+    }
+
+    #[test]
+    fn epoch_at_answers_only_what_its_history_covers() {
+        let mut s = VolumeState {
+            epoch: 4,
+            attached_node: 2,
+            applied_index: 20,
+            attach_history: vec![(10, 3, 1), (15, 4, 2)],
+            ..VolumeState::default()
+        };
+        assert_eq!(s.epoch_at(9), None, "before the first record: not known here");
+        assert_eq!(s.epoch_at(10), Some((3, 1)));
+        assert_eq!(s.epoch_at(14), Some((3, 1)));
+        assert_eq!(s.epoch_at(15), Some((4, 2)));
+        assert_eq!(s.epoch_at(20), Some((4, 2)));
+        assert_eq!(s.epoch_at(21), None, "past the applied index: an attach may come");
+        s.installing = true;
+        assert_eq!(s.epoch_at(15), None, "mid-install");
+        s.installing = false;
+        // The bound drops the oldest records, and their coverage with them.
+        for i in 0..MAX_ATTACH_HISTORY as u64 {
+            s.applied_index = 21 + i;
+            s.epoch += 1;
+            s.record_attach(21 + i);
+        }
+        assert_eq!(s.attach_history.len(), MAX_ATTACH_HISTORY);
+        assert_eq!(s.epoch_at(10), None);
+        assert_eq!(s.epoch_at(20), None);
+        assert_eq!(s.epoch_at(21), Some((5, 2)));
+        assert_eq!(s.epoch_at(s.applied_index), Some((s.epoch, 2)));
+    }
+
+    /// A restart (from the volume state recorded at a destage) knows the
+    /// epoch from its restart point on, and nothing before it; a history
+    /// handed over in the volume state is kept.
+    #[test]
+    fn a_restarted_replica_refuses_indexes_before_its_history() {
+        let point = Entry {
+            index: 10,
+            term: 2,
+            ..Default::default()
+        };
+        let hs = HardState {
+            term: 2,
+            commit: 10,
+            ..Default::default()
+        };
+        let cs = ConfState::from((vec![1, 2, 3], vec![]));
+        let state = |history: Vec<(u64, u64, u64)>| VolumeState {
+            epoch: 3,
+            attached_node: 2,
+            applied_index: 10,
+            attach_history: history,
+            ..VolumeState::default()
+        };
+        let r = Replica::restart(
+            &config(1),
+            hs.clone(),
+            cs.clone(),
+            std::slice::from_ref(&point),
+            state(Vec::new()),
+        )
+        .expect("restart");
+        assert_eq!(r.state().attach_history, vec![(10, 3, 2)]);
+        assert_eq!(r.epoch_at(9), None);
+        assert_eq!(r.epoch_at(10), Some((3, 2)));
+        assert_eq!(r.epoch_at(11), None);
+        let r = Replica::restart(&config(1), hs, cs, &[point], state(vec![(4, 2, 1), (8, 3, 2)])).expect("restart");
+        assert_eq!(r.epoch_at(3), None);
+        assert_eq!(r.epoch_at(5), Some((2, 1)));
+        assert_eq!(r.epoch_at(10), Some((3, 2)));
     }
 }

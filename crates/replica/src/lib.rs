@@ -15,7 +15,10 @@ pub mod cache;
 pub mod core;
 pub mod op;
 
-pub use crate::core::{ApplyError, Completion, Output, PersistTask, ProposeError, Replica, ReplicaConfig, VolumeState};
+pub use crate::core::{
+    ApplyError, Completion, MAX_ATTACH_HISTORY, Output, PersistTask, ProposeError, Replica, ReplicaConfig,
+    SnapshotInstall, VolumeState, decode_snapshot_epoch, encode_snapshot_epoch,
+};
 pub use cache::{ExtentData, Segment, WriteCache};
 pub use op::{EntryOp, VolumeOp};
 pub use raft;

@@ -200,16 +200,186 @@ mod tests {
         assert!(EntryOp::decode(&Bytes::from(good[..good.len() - 1].to_vec())).is_err());
     }
 
-    proptest! {
-        #[test]
-        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let _ = EntryOp::decode(&Bytes::from(bytes));
+    /// Hostile input: entries come from disk and from peers. The decoder
+    /// must never panic, must refuse any damage to a valid entry, and must
+    /// accept only canonical encodings. `PROPTEST_CASES=100000 cargo test -p
+    /// trireme-replica --lib fuzz` runs them longer.
+    mod fuzz {
+        use super::*;
+
+        /// `default` cases, or `PROPTEST_CASES` for a long run.
+        fn cases(default: u32) -> ProptestConfig {
+            let n = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok());
+            ProptestConfig::with_cases(n.unwrap_or(default))
         }
 
-        #[test]
-        fn writes_round_trip(epoch: u64, offset in 0u64..(1 << 50), data in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let e = EntryOp { epoch, op: VolumeOp::Write { offset, data: Bytes::from(data) } };
-            prop_assert_eq!(EntryOp::decode(&Bytes::from(e.encode())), Ok(e));
+        fn edge_u64() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                any::<u64>(),
+                Just(0u64),
+                Just(u64::MAX),
+                Just(MAX_WRITE_BYTES),
+                Just(MAX_WRITE_BYTES + 1),
+                (0u64..64).prop_map(|d| u64::MAX - d),
+                0u64..1024,
+            ]
+        }
+
+        fn entry_op() -> impl Strategy<Value = EntryOp> {
+            let op = prop_oneof![
+                (0u64..(1 << 50), prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(offset, d)| VolumeOp::Write {
+                    offset,
+                    data: Bytes::from(d)
+                }),
+                (edge_u64(), edge_u64())
+                    .prop_filter("a valid range", |(o, l)| o.checked_add(*l).is_some())
+                    .prop_map(|(offset, length)| VolumeOp::Zero { offset, length }),
+                edge_u64().prop_map(|node_id| VolumeOp::Attach { node_id }),
+            ];
+            (any::<u64>(), op).prop_map(|(epoch, op)| EntryOp { epoch, op })
+        }
+
+        /// Checks what a successful decode promises, and that the bytes were
+        /// the canonical encoding of what came out.
+        fn check_accepted(bytes: &[u8], e: &EntryOp) -> Result<(), TestCaseError> {
+            match &e.op {
+                VolumeOp::Write { offset, data } => {
+                    prop_assert!(data.len() as u64 <= MAX_WRITE_BYTES);
+                    prop_assert!(offset.checked_add(data.len() as u64).is_some());
+                }
+                VolumeOp::Zero { offset, length } => prop_assert!(offset.checked_add(*length).is_some()),
+                VolumeOp::Attach { .. } => {}
+            }
+            let mut canonical = bytes.to_vec();
+            if matches!(e.op, VolumeOp::Attach { .. }) {
+                // The decoder ignores an attach's unused field `b` (always
+                // written as 0); the checksum still covers it.
+                canonical[18..26].fill(0);
+                reseal(&mut canonical);
+            }
+            prop_assert_eq!(e.encode(), canonical, "accepted a non-canonical encoding");
+            Ok(())
+        }
+
+        /// Recomputes the checksum, so the semantic checks behind it are
+        /// reached (a peer running buggy code would send such entries).
+        fn reseal(b: &mut [u8]) {
+            if b.len() >= HEADER_BYTES {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..26]), &b[HEADER_BYTES..]);
+                b[26..30].copy_from_slice(&crc.to_le_bytes());
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum Mutation {
+            Flip { at: prop::sample::Index, mask: u8 },
+            Truncate { at: prop::sample::Index },
+            Extend { bytes: Vec<u8> },
+            Overwrite { at: prop::sample::Index, bytes: Vec<u8> },
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            prop_oneof![
+                (any::<prop::sample::Index>(), 1u8..=255).prop_map(|(at, mask)| Mutation::Flip { at, mask }),
+                any::<prop::sample::Index>().prop_map(|at| Mutation::Truncate { at }),
+                prop::collection::vec(any::<u8>(), 1..16).prop_map(|bytes| Mutation::Extend { bytes }),
+                (any::<prop::sample::Index>(), prop::collection::vec(any::<u8>(), 1..12))
+                    .prop_map(|(at, bytes)| Mutation::Overwrite { at, bytes }),
+            ]
+        }
+
+        fn apply(b: &mut Vec<u8>, m: &Mutation) {
+            if b.is_empty() {
+                return;
+            }
+            match m {
+                Mutation::Flip { at, mask } => {
+                    let i = at.index(b.len());
+                    b[i] ^= mask;
+                }
+                Mutation::Truncate { at } => {
+                    let n = at.index(b.len());
+                    b.truncate(n);
+                }
+                Mutation::Extend { bytes } => b.extend_from_slice(bytes),
+                Mutation::Overwrite { at, bytes } => {
+                    let start = at.index(b.len());
+                    for (slot, x) in b[start..].iter_mut().zip(bytes) {
+                        *slot = *x;
+                    }
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(cases(256))]
+
+            #[test]
+            fn fuzz_decode_arbitrary_bytes(
+                version in prop_oneof![Just(FORMAT_VERSION), any::<u8>()],
+                kind in prop_oneof![1u8..=3, any::<u8>()],
+                rest in prop::collection::vec(any::<u8>(), 0..100),
+                sealed: bool,
+            ) {
+                let mut bytes = vec![version, kind];
+                bytes.extend_from_slice(&rest);
+                if sealed {
+                    reseal(&mut bytes);
+                }
+                if let Ok(e) = EntryOp::decode(&Bytes::from(bytes.clone())) {
+                    check_accepted(&bytes, &e)?;
+                }
+            }
+
+            #[test]
+            fn fuzz_round_trip(e in entry_op()) {
+                let bytes = e.encode();
+                prop_assert_eq!(EntryOp::decode(&Bytes::from(bytes)), Ok(e));
+            }
+
+            #[test]
+            fn fuzz_damaged_entries_are_refused(
+                e in entry_op(),
+                mutations in prop::collection::vec(mutation(), 1..4),
+            ) {
+                let good = e.encode();
+                let mut bad = good.clone();
+                for m in &mutations {
+                    apply(&mut bad, m);
+                }
+                match EntryOp::decode(&Bytes::from(bad.clone())) {
+                    Ok(got) => {
+                        prop_assert_eq!(&bad, &good, "damage went unnoticed");
+                        prop_assert_eq!(got, e);
+                    }
+                    Err(err) => prop_assert_ne!(&bad, &good, "a valid entry was refused: {}", err),
+                }
+            }
+
+            #[test]
+            fn fuzz_resealed_entries_pass_only_semantic_checks(
+                e in entry_op(),
+                mutations in prop::collection::vec(mutation(), 1..4),
+                fields in prop::collection::vec((0usize..30, any::<u8>()), 0..4),
+            ) {
+                let mut bad = e.encode();
+                for m in &mutations {
+                    apply(&mut bad, m);
+                }
+                for (at, x) in fields {
+                    if let Some(slot) = bad.get_mut(at) {
+                        *slot = x;
+                    }
+                }
+                reseal(&mut bad);
+                match EntryOp::decode(&Bytes::from(bad.clone())) {
+                    Ok(got) => check_accepted(&bad, &got)?,
+                    Err(DecodeError::Checksum { .. }) => {
+                        prop_assert!(bad.len() < HEADER_BYTES, "a resealed entry failed its checksum");
+                    }
+                    Err(_) => {}
+                }
+            }
         }
     }
 }

@@ -544,6 +544,19 @@ impl UringStore {
             return Ok(());
         }
         let length = data.len() as u64;
+        #[cfg(feature = "failpoints")]
+        if let Some(source) = crate::failpoints::injected_io_error(crate::failpoints::IMAGE_WRITE) {
+            return Err(StorageError::Io {
+                op: "write",
+                offset,
+                length,
+                source,
+            });
+        }
+        #[cfg(feature = "failpoints")]
+        if sync_after && let Some(e) = crate::failpoints::injected_io_error(crate::failpoints::IMAGE_FSYNC) {
+            return Err(StorageError::Sync(e));
+        }
         self.engine
             .submit(&self.file, self.file_id, offset, OpKind::Write { data, sync_after })
             .await
@@ -601,6 +614,15 @@ impl BlockStore for UringStore {
             ZeroMode::Punch => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             ZeroMode::Allocate => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         };
+        #[cfg(feature = "failpoints")]
+        if let Some(source) = crate::failpoints::injected_io_error(crate::failpoints::IMAGE_WRITE) {
+            return Err(StorageError::Io {
+                op: "fallocate",
+                offset,
+                length,
+                source,
+            });
+        }
         match self
             .engine
             .submit(&self.file, self.file_id, offset, OpKind::Fallocate { mode, length })
@@ -615,6 +637,10 @@ impl BlockStore for UringStore {
     }
 
     async fn sync(&self) -> Result<()> {
+        #[cfg(feature = "failpoints")]
+        if let Some(e) = crate::failpoints::injected_io_error(crate::failpoints::IMAGE_FSYNC) {
+            return Err(StorageError::Sync(e));
+        }
         self.engine
             .submit(&self.file, self.file_id, 0, OpKind::Sync)
             .await

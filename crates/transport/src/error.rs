@@ -22,6 +22,10 @@ pub enum TransportError {
         code: tonic::Code,
         message: String,
     },
+    /// An injected network fault rule (the `faults` feature) was refused;
+    /// the message names the field or peer.
+    #[error("invalid network fault rule: {0}")]
+    FaultRule(String),
     /// The request is larger than the message bound.
     #[error("message of {bytes} bytes exceeds the limit of {limit} bytes")]
     TooLarge { bytes: usize, limit: usize },

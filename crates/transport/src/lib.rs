@@ -8,7 +8,11 @@
 //! reconnect with capped exponential backoff and jitter), authentication of
 //! every call (cluster id, shared secret compared in constant time, node id
 //! among the configured peers), size bounds on every message, and the
-//! transport's metrics.
+//! transport's metrics. With the `faults` feature (tests only: triremed's
+//! `failpoints` feature turns it on) it also owns [`NetFaults`], a rule
+//! table per destination peer that drops, loses, delays or duplicates the
+//! outgoing Raft batches and unary calls; without it no fault code is
+//! compiled in.
 //!
 //! Driven by: the daemon, which calls [`Transport::start`] inside its tokio
 //! runtime, mounts the returned [`PeerServer`] on its peer listener, feeds
@@ -23,6 +27,8 @@
 
 mod config;
 mod error;
+#[cfg(feature = "faults")]
+mod faults;
 mod sender;
 mod server;
 
@@ -42,6 +48,8 @@ use trireme_proto::v1::peer_service_server::PeerServiceServer;
 
 pub use crate::config::{DEFAULT_MAX_MESSAGE_BYTES, TransportConfig};
 pub use crate::error::TransportError;
+#[cfg(feature = "faults")]
+pub use crate::faults::{InjectedFaults, MAX_DELAY_MS, NetFaults, NetRule};
 pub use crate::server::{Authenticator, CLUSTER_HEADER, NODE_HEADER, PeerServer, PeerServiceImpl, SECRET_HEADER};
 pub use trireme_proto::v1::{CatalogChange, ForwardReply, ForwardRequest};
 
@@ -119,6 +127,8 @@ struct Inner {
     request_timeout: Duration,
     max_message_bytes: usize,
     shutdown: watch::Sender<bool>,
+    #[cfg(feature = "faults")]
+    faults: Arc<NetFaults>,
 }
 
 struct PeerLink {
@@ -158,6 +168,8 @@ impl Transport {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let unreachable = Arc::new(Mutex::new(BTreeSet::new()));
         let grpc_limit = config.grpc_message_limit();
+        #[cfg(feature = "faults")]
+        let faults = Arc::new(NetFaults::new(config.node_id, config.peers.keys().copied()));
 
         let mut peers = BTreeMap::new();
         for (&peer, addr) in &config.peers {
@@ -180,6 +192,8 @@ impl Transport {
                 max_message_bytes: config.max_message_bytes,
                 grpc_limit,
                 take_at_once: config.queue_messages_per_peer,
+                #[cfg(feature = "faults")]
+                faults: faults.clone(),
             };
             runtime.spawn(sender::run(ctx, rx));
             let client = PeerServiceClient::new(endpoint.connect_lazy())
@@ -224,6 +238,8 @@ impl Transport {
                 request_timeout: config.request_timeout(),
                 max_message_bytes: config.max_message_bytes,
                 shutdown,
+                #[cfg(feature = "faults")]
+                faults,
             }),
         };
         Ok((transport, inbound_rx, server))
@@ -313,7 +329,20 @@ impl Transport {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let mut request = self.inner.auth.request(message);
         request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, call(link.client.clone(), request)).await {
+        let call = call(link.client.clone(), request);
+        // An injected delay counts against the call's deadline, as time on
+        // a slow network would.
+        #[cfg(feature = "faults")]
+        let call = {
+            let delay = self.inner.faults.on_call(to)?;
+            async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                call.await
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(TransportError::Timeout { peer: to, timeout_ms }),
             Ok(Err(status)) => Err(TransportError::from_status(to, timeout_ms, status)),
             Ok(Ok(response)) => Ok(response.into_inner()),
@@ -323,6 +352,12 @@ impl Transport {
     /// Sending-side counters of peer `to`, None if it is not a peer.
     pub fn peer_stats(&self, to: u64) -> Option<PeerStats> {
         self.inner.peers.get(&to).map(|l| l.counters.snapshot())
+    }
+
+    /// The injected network fault rules of this node (the `faults` feature).
+    #[cfg(feature = "faults")]
+    pub fn net_faults(&self) -> &Arc<NetFaults> {
+        &self.inner.faults
     }
 
     /// Raft messages dropped because their destination is not a peer.

@@ -130,6 +130,9 @@ pub(crate) struct SenderCtx {
     pub grpc_limit: usize,
     /// Messages taken from the queue at once (the queue's capacity).
     pub take_at_once: usize,
+    /// Injected network faults, applied to every batch this task sends.
+    #[cfg(feature = "faults")]
+    pub faults: Arc<crate::faults::NetFaults>,
 }
 
 /// Exponential backoff, each delay jittered down to as little as half.
@@ -163,7 +166,7 @@ impl Backoff {
 
 /// A random number from std's per-process random hash keys: enough for
 /// jitter, without a dependency.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(Instant::now())
 }
 
@@ -329,7 +332,10 @@ async fn stream(
     let mut client = PeerServiceClient::new(channel)
         .max_encoding_message_size(ctx.grpc_limit)
         .max_decoding_message_size(ctx.grpc_limit);
-    let call = client.raft(ctx.auth.request(ReceiverStream::new(batch_rx)));
+    let requests = ReceiverStream::new(batch_rx);
+    #[cfg(feature = "faults")]
+    let requests = crate::faults::FaultyBatches::new(requests, ctx.faults.clone(), ctx.peer);
+    let call = client.raft(ctx.auth.request(requests));
     tokio::pin!(call);
     loop {
         if buf.is_empty() {
