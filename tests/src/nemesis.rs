@@ -53,8 +53,12 @@ const BLOCK_STRIDE_BYTES: u64 = 64 * 1024;
 /// the whole volume) does not dominate a run.
 const VOLUME_SIZE: &str = "64MiB";
 /// Size of the tmpfs under the disk-full node: the Raft log's prefilled
-/// files (256 MiB) plus room for the image and state files.
-pub const DISK_FULL_TMPFS_MIB: u64 = 400;
+/// and recycled files (up to 384 MiB here), room for the log of a node
+/// catching up at full speed (over 500 MiB seen at 2,300 writes/s) and the
+/// image and state files. Filling it costs that much memory for a moment.
+pub const DISK_FULL_TMPFS_MIB: u64 = 2048;
+/// How long the orchestrator keeps trying to move the volume to a survivor.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A follower replicating within this many entries of the leader has
 /// recovered.
 const RECOVERED_LAG_ENTRIES: u64 = 256;
@@ -537,6 +541,10 @@ pub struct Report {
     pub longest_read_unavailability_at_s: f64,
     /// Longest time from a heal until the volume was whole again.
     pub longest_recovery_s: f64,
+    /// Longest time the orchestrator took to move the volume to a survivor.
+    pub longest_move_s: f64,
+    /// Nodes found dead with no fault aimed at them.
+    pub unexpected_exits: u64,
     /// The first few problems, described.
     pub problems: Vec<String>,
 }
@@ -631,77 +639,107 @@ fn check_block(block: u64, ops: &[&Op], report: &mut Report, problems: &mut Vec<
         .collect();
     reads.sort_by_key(|r| r.invoke_us);
     let end = |op: &Op| op.complete_us.unwrap_or(u64::MAX);
-    // Reads completed so far, by completion time: (completion, token).
-    let mut completed: Vec<(u64, u64)> = reads
+    // Both stale-read rules are "is some newer thing older than the read":
+    // sorted by when it ended, with a running maximum of how new it is, each
+    // read takes one binary search (histories run to millions of ops).
+    // Acknowledged writes by end: (end, max invoke so far, its token).
+    let mut acked_by_end: Vec<(u64, u64, u64)> = acked
+        .iter()
+        .filter_map(|w| match w.kind {
+            OpKind::Write { token } => Some((end(w), w.invoke_us, token)),
+            OpKind::Read { .. } => None,
+        })
+        .collect();
+    acked_by_end.sort_unstable();
+    let mut best = (0u64, 0u64);
+    for e in &mut acked_by_end {
+        if e.1 >= best.0 {
+            best = (e.1, e.2);
+        }
+        (e.1, e.2) = best;
+    }
+    // Reads by completion: (completion, max invoke of a non-zero value's
+    // write so far, that value).
+    let mut completed: Vec<(u64, u64, u64)> = reads
         .iter()
         .filter_map(|r| match r.kind {
-            OpKind::Read { value } => Some((end(r), value)),
-            OpKind::Write { .. } => None,
+            OpKind::Read { value } if value != 0 => writes.get(&value).map(|w| (end(r), w.invoke_us, value)),
+            _ => None,
         })
         .collect();
     completed.sort_unstable();
+    let mut best = (0u64, 0u64);
+    for e in &mut completed {
+        if e.1 >= best.0 {
+            best = (e.1, e.2);
+        }
+        (e.1, e.2) = best;
+    }
     for r in &reads {
         let OpKind::Read { value } = r.kind else { continue };
-        let what = format!(
-            "block {block}: read by client {} through node {} at {:.3}-{:.3} s returned {}",
-            r.process,
-            r.node,
-            r.invoke_us as f64 / 1e6,
-            end(r) as f64 / 1e6,
-            if value == 0 {
-                "zeroes".to_string()
-            } else {
-                format!("write {value}")
-            }
-        );
+        let what = || {
+            format!(
+                "block {block}: read by client {} through node {} at {:.3}-{:.3} s returned {}",
+                r.process,
+                r.node,
+                r.invoke_us as f64 / 1e6,
+                end(r) as f64 / 1e6,
+                if value == 0 {
+                    "zeroes".to_string()
+                } else {
+                    format!("write {value}")
+                }
+            )
+        };
         // When the write the read returned ended: zeroes "ended" before
         // everything.
         let w_end = if value == 0 {
-            0
+            None
         } else {
             match writes.get(&value) {
                 None => {
                     report.impossible_reads += 1;
-                    problems.push(format!("{what}, which no client wrote to this block"));
+                    problems.push(format!("{}, which no client wrote to this block", what()));
                     continue;
                 }
                 Some(w) if w.outcome == Outcome::Fail => {
                     report.impossible_reads += 1;
-                    problems.push(format!("{what}, a write refused as fenced"));
+                    problems.push(format!("{}, a write refused as fenced", what()));
                     continue;
                 }
                 Some(w) if w.invoke_us > end(r) => {
                     report.impossible_reads += 1;
-                    problems.push(format!("{what}, a write not yet issued"));
+                    problems.push(format!("{}, a write not yet issued", what()));
                     continue;
                 }
-                Some(w) => end(w),
+                Some(w) => Some(end(w)),
             }
         };
+        let newer_than_ours = |invoke: u64| w_end.is_none_or(|e| invoke > e);
         // Stale against an acknowledged write: one that began after the
         // returned write ended and was acknowledged before the read began.
-        if let Some(newer) = acked.iter().find(|w| {
-            (value == 0 || w.invoke_us > w_end) && end(w) < r.invoke_us && w.kind != OpKind::Write { token: value }
-        }) {
+        let n = acked_by_end.partition_point(|(e, _, _)| *e < r.invoke_us);
+        if n > 0 && newer_than_ours(acked_by_end[n - 1].1) {
             report.stale_reads += 1;
-            let OpKind::Write { token } = newer.kind else { continue };
+            let (_, invoke, token) = acked_by_end[n - 1];
+            let ack = writes.get(&token).map_or(0, |w| end(w));
             problems.push(format!(
-                "{what}, but write {token} (issued {:.3} s) was acknowledged at {:.3} s, before the read began",
-                newer.invoke_us as f64 / 1e6,
-                end(newer) as f64 / 1e6
+                "{}, but write {token} (issued {:.3} s) was acknowledged at {:.3} s, before the read began",
+                what(),
+                invoke as f64 / 1e6,
+                ack as f64 / 1e6
             ));
             continue;
         }
         // Stale against an earlier read: one completed before this read
         // began that returned a write which began after ours ended.
-        let before = completed.partition_point(|(c, _)| *c < r.invoke_us);
-        if let Some((_, newer)) = completed[..before]
-            .iter()
-            .find(|(_, t)| *t != value && *t != 0 && writes.get(t).is_some_and(|w| value == 0 || w.invoke_us > w_end))
-        {
+        let n = completed.partition_point(|(c, _, _)| *c < r.invoke_us);
+        if n > 0 && newer_than_ours(completed[n - 1].1) {
             report.stale_reads += 1;
             problems.push(format!(
-                "{what}, but an earlier read, completed before this one began, returned the newer write {newer}"
+                "{}, but an earlier read, completed before this one began, returned the newer write {}",
+                what(),
+                completed[n - 1].2
             ));
         }
     }
@@ -755,7 +793,7 @@ pub fn linearizable(ops: &[&Op]) -> std::result::Result<(), String> {
             OpKind::Write { .. } => None,
         })
         .collect();
-    let ops: Vec<&Op> = ops
+    let kept: Vec<&Op> = ops
         .iter()
         .filter(|o| match (o.kind, o.outcome) {
             (_, Outcome::Fail) => false,
@@ -764,6 +802,27 @@ pub fn linearizable(ops: &[&Op]) -> std::result::Result<(), String> {
         })
         .copied()
         .collect();
+    // An indeterminate write that a read returned took effect before that
+    // read completed: its window closes at the first such completion.
+    // (Same verdict, and it lets the search forget it afterwards.)
+    let mut first_seen: HashMap<u64, u64> = HashMap::new();
+    for o in &kept {
+        if let (OpKind::Read { value }, Some(c)) = (o.kind, o.complete_us) {
+            let e = first_seen.entry(value).or_insert(c);
+            *e = (*e).min(c);
+        }
+    }
+    let closed: Vec<Op> = kept
+        .iter()
+        .map(|o| match (o.kind, o.outcome) {
+            (OpKind::Write { token }, Outcome::Info) => Op {
+                complete_us: first_seen.get(&token).map(|c| (*c).max(o.invoke_us)),
+                ..(*o).clone()
+            },
+            _ => (*o).clone(),
+        })
+        .collect();
+    let ops: Vec<&Op> = closed.iter().collect();
     // Events: (time, 0 = call / 1 = return, op). Calls sort before returns
     // at the same microsecond: equal times are taken as concurrent.
     let mut events: Vec<(u64, u8, usize)> = Vec::with_capacity(ops.len() * 2);
@@ -935,7 +994,8 @@ impl Nemesis<'_> {
             .copied()
             .filter(|&n| n != avoid && self.cluster.is_running(n))
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let started = Instant::now();
+        let deadline = started + MOVE_TIMEOUT;
         let volume = self.cluster.volume().to_string();
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -947,17 +1007,27 @@ impl Nemesis<'_> {
                     match out {
                         Ok(o) if o.status.success() => {
                             self.shared.attached.store(to, Ordering::Relaxed);
-                            self.log(format!("moved the volume to node {to} (away from node {avoid})"));
+                            let took = started.elapsed().as_secs_f64();
+                            self.report.longest_move_s = self.report.longest_move_s.max(took);
+                            self.log(format!(
+                                "moved the volume to node {to} (away from node {avoid}) in {took:.2} s"
+                            ));
                             return Ok(());
                         }
                         Ok(o) => last = describe(&o),
                         Err(e) => last = format!("{e:#}"),
                     }
+                    if !last.is_empty() {
+                        self.log(format!(
+                            "attach to node {to} through node {via} failed: {}",
+                            last.lines().find(|l| l.starts_with("error")).unwrap_or("see above")
+                        ));
+                    }
                 }
             }
             thread::sleep(Duration::from_millis(200));
         }
-        bail!("could not move the volume away from node {avoid} within 30 s: {last}")
+        bail!("could not move the volume away from node {avoid} within {MOVE_TIMEOUT:?}: {last}")
     }
 
     fn net_rule(&self, from: u64, to: &[u64], extra: &[&str]) -> Result<()> {
@@ -1125,15 +1195,38 @@ impl Nemesis<'_> {
         let started = Instant::now();
         let ids = self.ids.clone();
         // Under load a follower is rarely at lag 0 at the instant asked;
-        // replicating with a short lag is whole.
-        self.cluster.wait_volume(timeout, "the volume to be whole again", |v| {
-            v.leader != 0
-                && ids.iter().all(|&n| {
-                    v.replica(n).is_some_and(|r| {
-                        matches!(r.state.as_str(), "healthy" | "catching-up") && r.lag_entries < RECOVERED_LAG_ENTRIES
-                    })
-                })
-        })?;
+        // replicating with a short lag is whole. A node that exits while
+        // catching up (say, its disk filled again) is restarted and counted.
+        let deadline = started + timeout;
+        let mut last: String;
+        loop {
+            for &id in &ids {
+                if !self.cluster.is_alive(id) {
+                    self.report.unexpected_exits += 1;
+                    self.log(format!("node {id} exited while recovering; restarting it"));
+                    self.restart_if_dead(id)?;
+                }
+            }
+            match self.cluster.volume_info() {
+                Ok(v)
+                    if v.leader != 0
+                        && ids.iter().all(|&n| {
+                            v.replica(n).is_some_and(|r| {
+                                matches!(r.state.as_str(), "healthy" | "catching-up")
+                                    && r.lag_entries < RECOVERED_LAG_ENTRIES
+                            })
+                        }) =>
+                {
+                    break;
+                }
+                Ok(v) => last = v.summary(),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                bail!("the volume was not whole again {timeout:?} after the heal; last volume info: {last}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
         let took = started.elapsed().as_secs_f64();
         self.report.longest_recovery_s = self.report.longest_recovery_s.max(took);
         Ok(())
@@ -1255,6 +1348,21 @@ pub fn run(cluster: &mut Cluster, cfg: &Config) -> Result<Report> {
         thread::sleep(cfg.interval);
         let fault = cfg.faults[round % cfg.faults.len()];
         round += 1;
+        // A node that exited with no fault aimed at it is worth knowing
+        // about (and must come back before the next fault).
+        for id in ids.clone() {
+            if !nemesis.cluster.is_alive(id) {
+                nemesis.report.unexpected_exits += 1;
+                nemesis.log(format!("node {id} had exited on its own; restarting it"));
+                if let Err(e) = nemesis.restart_if_dead(id) {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if outcome.is_err() {
+            break;
+        }
         if let Err(e) = nemesis.inject(fault, cfg.hold) {
             outcome = Err(e.context(format!("injecting {}", fault.name())));
             break;

@@ -12,7 +12,7 @@ use trireme_tests::nemesis::{self, Config, Fault};
 
 fn usage() -> &'static str {
     "usage: nemesis [--duration 20m] [--faults all|kill,stop,isolate,one-way,bridge,slow,disk-full,fsync-error,crash-point]\n\
-     \x20              [--interval 3s] [--hold 4s] [--seed N] [--json FILE]"
+     \x20              [--interval 3s] [--hold 4s] [--blocks 256] [--seed N] [--json FILE]"
 }
 
 /// "90", "90s", "20m", "2h".
@@ -48,6 +48,9 @@ fn run() -> Result<bool> {
     let mut faults = Fault::ALL.to_vec();
     let mut interval = Duration::from_secs(3);
     let mut hold = Duration::from_secs(4);
+    // Many blocks keep each block's history short enough to search, hours
+    // into a soak.
+    let mut blocks: u64 = 256;
     let mut seed = trireme_tests::seed()?;
     let mut json: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
@@ -59,6 +62,12 @@ fn run() -> Result<bool> {
             "--interval" => interval = parse_duration(&value()?)?,
             "--hold" => hold = parse_duration(&value()?)?,
             "--seed" => seed = value()?.parse().context("--seed needs a number")?,
+            "--blocks" => {
+                blocks = value()?.parse().context("--blocks needs a number")?;
+                if blocks == 0 || blocks > 1024 {
+                    bail!("--blocks must be 1 to 1024 (64 KiB apart in the 64 MiB volume)");
+                }
+            }
             "--json" => json = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
                 println!("{}", usage());
@@ -71,6 +80,7 @@ fn run() -> Result<bool> {
     let mut cfg = Config::new(faults, duration, seed);
     cfg.interval = interval;
     cfg.hold = hold;
+    cfg.blocks = blocks;
     eprintln!("nemesis: {duration:?} of faults, seed {seed}");
     let report = nemesis::run(&mut cluster, &cfg)?;
     println!("{}", report.table());
