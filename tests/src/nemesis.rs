@@ -599,6 +599,8 @@ impl Report {
             "longest recovery after heal (s)",
             format!("{:.2}", self.longest_recovery_s),
         );
+        row("longest volume move (s)", format!("{:.2}", self.longest_move_s));
+        row("unexpected node exits", self.unexpected_exits.to_string());
         s
     }
 }
