@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde::Serialize;
+use triremed::failpoints;
 
 use crate::{Cluster, Sig, describe, nbd, run_ok, wait_until};
 
@@ -137,13 +138,13 @@ impl Fault {
     }
 }
 
-/// Crash points of the write path (see the daemon's failpoints module).
+/// Crash points of the write path, in the order a run visits them.
 const CRASH_POINTS: [&str; 5] = [
-    "crash::log_after_write",
-    "crash::log_after_sync",
-    "crash::after_apply",
-    "crash::destage_after_image_write",
-    "crash::snapshot_mid_copy",
+    failpoints::CRASH_LOG_AFTER_WRITE,
+    failpoints::CRASH_LOG_AFTER_SYNC,
+    failpoints::CRASH_AFTER_APPLY,
+    failpoints::CRASH_DESTAGE_AFTER_IMAGE_WRITE,
+    failpoints::CRASH_SNAPSHOT_MID_COPY,
 ];
 
 #[derive(Clone, Debug)]
@@ -1161,7 +1162,7 @@ impl Nemesis<'_> {
             }
             Fault::FsyncError | Fault::CrashPoint => {
                 let (point, actions) = if fault == Fault::FsyncError {
-                    ("log::fsync", "return")
+                    (failpoints::LOG_FSYNC, "return")
                 } else {
                     // Every point in turn, so a short run covers them all.
                     let point = CRASH_POINTS[self.crash_points_used % CRASH_POINTS.len()];
