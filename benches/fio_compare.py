@@ -7,9 +7,11 @@ Usage: python3 benches/fio_compare.py [--quick] [--runtime-s 10] [--nodes 3] [--
                                       [--resync-s 30] [--skip-build]
 
 Builds release binaries, starts `trireme dev up` (3 nodes: vol0 has 3 replicas, all on this
-machine's disk, attached to node 1), and, on raw files in the same directory, `nbdkit file` and
-`qemu-nbd --cache=none --aio=io_uring`. Each workload runs against all three targets; the table
-shows IOPS, MiB/s, mean and p99 completion latency, and triremed's IOPS over the best baseline's.
+machine's disk, attached to node 1), creates vol1 (the same, with `--durability quorum-receipt`,
+also attached to node 1), and, on raw files in the same directory, `nbdkit file` and
+`qemu-nbd --cache=none --aio=io_uring`. Each workload runs against all four targets; the table
+shows IOPS, MiB/s, mean and p99 completion latency, and each Trireme volume's IOPS over the best
+baseline's.
 A fio job whose JSON reports a non-zero `error` fails the run instead of printing a figure. This
 is a benchmark, not a test: nothing here asserts a speed.
 
@@ -69,7 +71,9 @@ WORKLOADS = [
 ]
 W2_ARGS = WORKLOADS[1][2]
 W4_ARGS = WORKLOADS[2][2]
-TARGETS = ("triremed", "nbdkit-file", "qemu-nbd")
+TARGETS = ("triremed", "triremed-receipt", "nbdkit-file", "qemu-nbd")
+# vol0 (quorum-fsync, the default) and vol1 (quorum-receipt), on the same cluster.
+TRIREME_TARGETS = ("triremed", "triremed-receipt")
 BASELINES = ("nbdkit-file", "qemu-nbd")
 
 BUILD_TIMEOUT_S = 7200
@@ -346,14 +350,14 @@ def poll(what, deadline_s, fn, interval=POLL_S):
     raise SystemExit(f"timed out after {deadline_s} s waiting for {what}")
 
 
-def attach(admin, node, deadline_s=60):
-    cli(admin, "volume", "attach", "vol0", "--node", str(node), timeout=60)
+def attach(admin, node, deadline_s=60, name="vol0"):
+    cli(admin, "volume", "attach", name, "--node", str(node), timeout=60)
 
     def led():
-        v = volume_info(admin)
+        v = volume_info(admin, name)
         return v if v and v.get("leader") == node else None
 
-    return poll(f"vol0's leadership to move to node {node}", deadline_s, led)
+    return poll(f"{name}'s leadership to move to node {node}", deadline_s, led)
 
 
 def all_caught_up(v):
@@ -432,6 +436,8 @@ def fio_table(targets, runtime, size):
         best = max(BASELINES, key=lambda t: row["targets"][t]["iops"])
         row["best_baseline"] = best
         row["ratio_iops"] = row["targets"]["triremed"]["iops"] / max(row["targets"][best]["iops"], 1e-9)
+        row["ratio_iops_receipt"] = (row["targets"]["triremed-receipt"]["iops"]
+                                     / max(row["targets"][best]["iops"], 1e-9))
         results.append(row)
     return results
 
@@ -598,7 +604,9 @@ def print_report(doc):
     for r in doc["results"]:
         for target in TARGETS:
             m = r["targets"][target]
-            ratio = f"{r['ratio_iops']:.2f}x vs {r['best_baseline']}" if target == "triremed" else ""
+            ratio = {"triremed": f"{r['ratio_iops']:.2f}x vs {r['best_baseline']}",
+                     "triremed-receipt": f"{r.get('ratio_iops_receipt', 0):.2f}x vs {r['best_baseline']}"
+                     }.get(target, "")
             print(f"| {r['workload']} {r['description']} | {target} | {m['iops']:,.0f} | {m['mib_s']:,.1f} | "
                   f"{fmt_lat(m, 'mean_us')} | {fmt_lat(m, 'p99_us')} | {ratio} |")
     print("\nW5: IOPS and MiB/s are reads + writes; latency shows reads / writes.")
@@ -667,6 +675,13 @@ def main():
         attach(info["nodes"][0]["admin"], 1)
 
         targets = {"triremed": info["nbd_uri"]}
+        # The same cluster serves vol1 in quorum-receipt mode (acknowledged once a quorum holds
+        # a write; FLUSH waits for quorum fdatasync), also led from node 1.
+        admin = info["nodes"][0]["admin"]
+        cli(admin, "volume", "create", "vol1", "--size", volume_size, "--durability", "quorum-receipt")
+        poll("vol1 to have a leader", 60, lambda: (volume_info(admin, "vol1") or {}).get("leader"))
+        attach(admin, 1, name="vol1")
+        targets["triremed-receipt"] = info["nbd_uri"].rsplit("/", 1)[0] + "/vol1"
         raw = os.path.join(base, "nbdkit.raw")
         with open(raw, "wb") as f:
             f.truncate(volume_bytes)
@@ -688,6 +703,8 @@ def main():
         targets["qemu-nbd"] = f"nbd://127.0.0.1:{port}/"
         doc["targets"] = {
             "triremed": f"trireme dev up --nodes {a.nodes}, vol0 ({volume_size}, 3 replicas) attached to node 1",
+            "triremed-receipt": f"the same cluster, vol1 ({volume_size}, 3 replicas, --durability quorum-receipt) "
+                                "attached to node 1",
             "nbdkit-file": "nbdkit file (page cache)",
             "qemu-nbd": "qemu-nbd --cache=none --aio=io_uring -f raw",
         }

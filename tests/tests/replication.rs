@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
 use trireme_tests::{
-    ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, nbd, nbd_sha256, pattern, qemu_io_ok,
-    run_fio_checked, run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked, wait_for_acks, wait_until,
+    ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, metric_sum, nbd, nbd_sha256, pattern,
+    qemu_io_ok, run_fio_checked, run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked, wait_for_acks,
+    wait_until,
 };
 
 /// Every test here takes this lock first (see the module comment).
@@ -734,5 +735,152 @@ fn follower_rebuilt_by_snapshot_after_log_loss() -> Result<()> {
     })?;
     cluster.kill_node_id(leader)?;
     verify_through_rebuilt(&cluster, leader)?;
+    Ok(())
+}
+
+/// Polls `volume info NAME` until `cond` holds; returns the JSON.
+fn wait_named_volume(
+    cluster: &Cluster,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let mut last = serde_json::Value::Null;
+    wait_until(SETTLE, what, || {
+        if let Ok(v) = cluster.cli_json(&["volume", "info", name]) {
+            let ok = cond(&v);
+            last = v;
+            return Ok(ok);
+        }
+        Ok(false)
+    })
+    .with_context(|| format!("last volume info: {last}"))?;
+    Ok(last)
+}
+
+/// Quorum-receipt mode (DRBD's protocol B, with honest flushes): a volume
+/// created with `--durability quorum-receipt` says so, acknowledges writes
+/// on receipt (the counter moves), reads them back through every node (the
+/// non-leaders forward their reads), and everything flushed or written
+/// with FUA survives a SIGKILL of every node at once.
+#[test]
+fn quorum_receipt_volume_acks_on_receipt_and_keeps_what_was_flushed() -> Result<()> {
+    let _serial = serial_lock(SERIAL, SERIAL_WAIT)?;
+    let (mut cluster, _) = three_nodes("repl-receipt")?;
+    let ids = cluster.node_ids();
+    const VOL: &str = "fastvol";
+
+    let v0 = cluster.cli_json(&["volume", "info", "vol0"])?;
+    ensure!(
+        v0["durability"] == "quorum-fsync",
+        "vol0 is not quorum-fsync by default: {v0}"
+    );
+    let bad = cluster.cli(&["volume", "create", "x", "--size", "16MiB", "--durability", "protocol-a"])?;
+    ensure!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("quorum-receipt"),
+        "an unknown durability mode was not refused by name: {}",
+        describe(&bad)
+    );
+    let made = cluster.cli(&[
+        "volume",
+        "create",
+        VOL,
+        "--size",
+        "16MiB",
+        "--durability",
+        "quorum-receipt",
+    ])?;
+    ensure!(made.status.success(), "volume create failed: {}", describe(&made));
+    let info = wait_named_volume(&cluster, VOL, "fastvol to have a leader and 3 healthy replicas", |v| {
+        v["leader"].as_u64().unwrap_or(0) != 0
+            && v["replicas"]
+                .as_array()
+                .is_some_and(|r| r.len() == 3 && r.iter().all(|r| r["state"] == "healthy" && r["lag_entries"] == 0))
+    })?;
+    ensure!(
+        info["durability"] == "quorum-receipt",
+        "volume info does not state the mode: {info}"
+    );
+    let leader = info["leader"].as_u64().unwrap_or(0);
+    let uris: std::collections::HashMap<u64, String> = ids
+        .iter()
+        .map(|&id| Ok((id, format!("nbd://{}/{VOL}", cluster.node_by_id(id)?.nbd))))
+        .collect::<Result<_>>()?;
+    let uri_of = |id: u64| -> Result<String> { uris.get(&id).cloned().ok_or_else(|| anyhow!("no node {id}")) };
+    let acked_before: f64 = metric_sum(
+        &cluster.metrics_of(leader)?,
+        "trireme_writes_acked_on_receipt_total",
+        &[("volume", VOL)],
+    );
+
+    // Plain writes then a FLUSH, and a FUA write, through the leader.
+    // qemu-io's default cache mode (writethrough) sets FUA on every write:
+    // writeback sends plain ones.
+    let writeback = |uri: &str, cmds: &[&str]| -> Result<()> {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", "-t", "writeback", uri]);
+        for c in cmds {
+            cmd.arg("-c").arg(c);
+        }
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(60))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success() && !text.to_ascii_lowercase().contains("failed"),
+            "qemu-io {uri} {cmds:?}: {}",
+            describe(&out)
+        );
+        Ok(())
+    };
+    writeback(
+        &uri_of(leader)?,
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0xa5 1M 1M",
+            "flush",
+            "write -f -P 0x3c 2M 64k",
+        ],
+    )?;
+    let acked = metric_sum(
+        &cluster.metrics_of(leader)?,
+        "trireme_writes_acked_on_receipt_total",
+        &[("volume", VOL)],
+    ) - acked_before;
+    ensure!(acked >= 1.0, "no write was acknowledged on receipt ({acked})");
+    eprintln!("[repl-receipt] {acked} writes acknowledged on quorum receipt");
+    // Read-your-writes through every node, at once after the writes.
+    for &id in &ids {
+        qemu_io_ok(
+            &uri_of(id)?,
+            &["read -P 0x5a 0 1M", "read -P 0xa5 1M 1M", "read -P 0x3c 2M 64k"],
+        )
+        .with_context(|| format!("reading fastvol back through node {id}"))?;
+    }
+    // Writes then a FLUSH, then every node dies at once.
+    writeback(&uri_of(leader)?, &["write -P 0x77 4M 512k", "flush"])?;
+    for &id in &ids {
+        cluster.kill_node_id(id)?;
+    }
+    for &id in &ids {
+        cluster.restart_node_id(id)?;
+    }
+    wait_named_volume(&cluster, VOL, "fastvol to have a leader after the restart", |v| {
+        v["leader"].as_u64().unwrap_or(0) != 0
+    })?;
+    for &id in &ids {
+        qemu_io_ok(
+            &uri_of(id)?,
+            &[
+                "read -P 0x5a 0 1M",
+                "read -P 0xa5 1M 1M",
+                "read -P 0x3c 2M 64k",
+                "read -P 0x77 4M 512k",
+            ],
+        )
+        .with_context(|| format!("flushed data lost after every node was killed (read through node {id})"))?;
+    }
     Ok(())
 }

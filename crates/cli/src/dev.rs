@@ -574,6 +574,7 @@ async fn ensure_volume(client: &mut VolumeServiceClient<Channel>, size_bytes: u6
             name: VOLUME_NAME.to_owned(),
             size_bytes,
             replica_count: 0,
+            durability: String::new(),
         })
         .await;
     match created {

@@ -102,6 +102,13 @@ enum VolumeCommand {
         /// Number of replicas: 1, 3 or 5; 0 lets the server choose.
         #[arg(long, value_name = "N", default_value_t = 0, value_parser = replicas_arg)]
         replicas: u32,
+        /// When writes are acknowledged: quorum-fsync (durable on a majority
+        /// of replicas) or quorum-receipt (held by a majority, in memory or
+        /// on disk; FLUSH and FUA wait for a majority's fdatasync, like
+        /// DRBD's protocol B). Fixed at creation.
+        #[arg(long, value_name = "MODE", default_value = "quorum-fsync",
+              value_parser = ["quorum-fsync", "quorum-receipt"])]
+        durability: String,
     },
     /// List all volumes, ordered by name.
     List,
@@ -305,12 +312,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn volume(addr: &str, json: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
     let mut client = admin::volume_client(addr).await?;
     match cmd {
-        VolumeCommand::Create { name, size, replicas } => {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            durability,
+        } => {
             let volume = client
                 .create_volume(CreateVolumeRequest {
                     name,
                     size_bytes: size,
                     replica_count: replicas,
+                    durability,
                 })
                 .await
                 .map_err(status_error)?

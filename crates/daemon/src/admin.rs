@@ -97,7 +97,7 @@ async fn to_proto(v: &Volume, detailed: bool, down: &[u64]) -> pb::Volume {
         replicas: replicas(&m.replicas, leader_view.as_ref(), down),
         open_sessions: v.open_sessions(),
         created_at_unix_s: m.created_at_unix_s,
-        durability: "quorum-fsync".into(),
+        durability: m.durability.as_str().into(),
         allocated_bytes: v.allocated_bytes(),
         epoch: seen.map(|s| s.epoch).unwrap_or(0),
         attached_node: seen.map(|s| s.attached_node).unwrap_or(0),
@@ -119,7 +119,10 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
-        let v = self.catalog.create(&r.name, r.size_bytes, r.replica_count).await?;
+        let v = self
+            .catalog
+            .create(&r.name, r.size_bytes, r.replica_count, &r.durability)
+            .await?;
         Ok(Response::new(pb::CreateVolumeResponse {
             volume: Some(to_proto(&v, false, &self.catalog.down_nodes()).await),
         }))

@@ -30,7 +30,7 @@ use crate::error::{DaemonError, Result};
 use crate::group::{self, GroupEvent, GroupHandle};
 use crate::liveness::Liveness;
 use crate::logwriter::LogWriter;
-use crate::volume::{LocalReplica, Volume, VolumeMeta, VolumeSession};
+use crate::volume::{Durability, LocalReplica, Volume, VolumeMeta, VolumeSession};
 
 const META_MAGIC: &[u8; 8] = b"TRIVOLM\0";
 const META_VERSION: u32 = 2;
@@ -188,6 +188,7 @@ fn read_meta(dir: &Path, node_id: u64) -> Result<VolumeMeta> {
                 created_at_unix_s: v1.created_at_unix_s,
                 group_id,
                 replicas: vec![node_id],
+                durability: Durability::QuorumFsync,
             })
         }
         META_VERSION => serde_json::from_slice(&body).map_err(bad),
@@ -207,6 +208,7 @@ fn change_of(meta: &VolumeMeta, delete: bool) -> CatalogChange {
         group_id: meta.group_id,
         delete,
         created_at_unix_s: meta.created_at_unix_s,
+        durability: meta.durability.as_str().to_string(),
     }
 }
 
@@ -488,6 +490,7 @@ impl Catalog {
             recovering: mode == StartMode::Rebuild,
             liveness: self.liveness.clone(),
             replica_count: u64::from(meta.replica_count),
+            receipt_mode: meta.durability == Durability::QuorumReceipt,
         });
         self.groups
             .write()
@@ -546,9 +549,21 @@ impl Catalog {
         }
     }
 
-    pub async fn create(&self, name: &str, size_bytes: u64, replica_count: u32) -> Result<Arc<Volume>> {
+    pub async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        replica_count: u32,
+        durability: &str,
+    ) -> Result<Arc<Volume>> {
         validate_name(name)?;
         validate_size("size_bytes", size_bytes)?;
+        let durability = Durability::parse(durability).ok_or_else(|| {
+            DaemonError::InvalidArgument(format!(
+                "durability {durability:?} must be one of {}",
+                Durability::NAMES.join(", ")
+            ))
+        })?;
         let nodes = self.nodes.len() as u32;
         let replica_count = if replica_count == 0 {
             nodes.min(3)
@@ -578,6 +593,7 @@ impl Catalog {
             created_at_unix_s: now_unix_s(),
             group_id,
             replicas: self.place(name, replica_count),
+            durability,
         };
         let change = change_of(&meta, false);
         // Peers first: if a replica node refuses, nothing was created here.
@@ -627,6 +643,14 @@ impl Catalog {
             created_at_unix_s: change.created_at_unix_s,
             group_id: change.group_id,
             replicas: change.replicas.clone(),
+            durability: Durability::parse(&change.durability).ok_or_else(|| {
+                DaemonError::InvalidArgument(format!(
+                    "catalog change for {}: durability {:?} must be one of {}",
+                    change.name,
+                    change.durability,
+                    Durability::NAMES.join(", ")
+                ))
+            })?,
         };
         let staging = self.volumes_dir.join(format!(".creating-{}", meta.id));
         let final_dir = self.volumes_dir.join(&meta.id);

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use trireme_raftlog::GroupWrite;
 use trireme_replica::raft::StateRole;
 use trireme_replica::raft::eraftpb::{Message, MessageType};
-use trireme_replica::{ApplyError, ExtentData, Output, ProposeError, Replica, Segment, VolumeOp};
+use trireme_replica::{ApplyError, ExtentData, Output, ProposeError, Replica, Segment, VolumeOp, receipt_of};
 use trireme_storage::uring::UringStore;
 use trireme_storage::{BlockStore, ZeroMode};
 use trireme_transport::Transport;
@@ -80,6 +80,8 @@ pub enum GroupEvent {
     Write {
         epoch: u64,
         op: VolumeOp,
+        /// The reply must wait for quorum fdatasync even in quorum-receipt mode.
+        fua: bool,
         reply: Reply<u64>,
         /// The client request's tracing span, so its proposal and commit
         /// show up under it (disabled, and free, below debug level).
@@ -89,6 +91,11 @@ pub enum GroupEvent {
         offset: u64,
         length: u64,
         reply: Reply<Vec<Segment>>,
+    },
+    /// Quorum-receipt mode, leader only: answered once everything in the
+    /// leader's log is committed (durable on a quorum).
+    Flush {
+        reply: Reply<()>,
     },
     /// Read the applied state without ReadIndex, once it has applied at
     /// least `min_index`: only for snapshot copies.
@@ -185,11 +192,12 @@ impl GroupHandle {
         let _ = self.tx.try_send(ev);
     }
 
-    pub async fn write(&self, epoch: u64, op: VolumeOp) -> Result<u64, GroupError> {
+    pub async fn write(&self, epoch: u64, op: VolumeOp, fua: bool) -> Result<u64, GroupError> {
         let (reply, rx) = oneshot::channel();
         self.send(GroupEvent::Write {
             epoch,
             op,
+            fua,
             reply,
             span: tracing::Span::current(),
         })
@@ -198,6 +206,14 @@ impl GroupHandle {
         // stopped without answering: its outcome is unknown.
         rx.await
             .map_err(|_| GroupError::Indeterminate("the replica stopped before the write's outcome was known".into()))?
+    }
+
+    /// Quorum-receipt mode: waits until every write this leader holds,
+    /// acknowledged or not, is durable on a quorum.
+    pub async fn flush(&self) -> Result<(), GroupError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(GroupEvent::Flush { reply }).await?;
+        rx.await.map_err(|_| GroupError::Retry("replica stopped".into()))?
     }
 
     /// Epoch and attached node as of log `index`, if this replica's attach
@@ -232,9 +248,13 @@ impl GroupHandle {
 }
 
 struct PendingWrite {
-    reply: Reply<u64>,
+    /// None once acknowledged on quorum receipt.
+    reply: Option<Reply<u64>>,
     proposed: Instant,
     span: tracing::Span,
+    index: u64,
+    /// May be acknowledged on quorum receipt, under this writer epoch.
+    early_epoch: Option<u64>,
 }
 
 struct PendingRead {
@@ -244,6 +264,9 @@ struct PendingRead {
     asked: Instant,
     /// Set once the ReadIndex is confirmed.
     index: Option<u64>,
+    /// Quorum-receipt mode: writes acknowledged before the read arrived
+    /// must be applied before it is served, committed or not yet.
+    min_applied: u64,
 }
 
 /// A snapshot install under way.
@@ -289,7 +312,7 @@ struct Driver {
     status: Arc<Mutex<GroupStatus>>,
     next_token: u64,
     writes: HashMap<u64, PendingWrite>,
-    parked: VecDeque<(u64, VolumeOp, Reply<u64>, tracing::Span)>,
+    parked: VecDeque<(u64, VolumeOp, bool, Reply<u64>, tracing::Span)>,
     reads: BTreeMap<u64, PendingRead>,
     destaging: bool,
     destaged_index: u64,
@@ -315,6 +338,32 @@ struct Driver {
     rebuild_copied: Arc<std::sync::atomic::AtomicU64>,
     /// Ticks since the last sign of activity (see `note_activity`).
     quiet_ticks: u32,
+    receipt: ReceiptMode,
+}
+
+/// The leader's side of quorum-receipt mode (unused in quorum-fsync).
+///
+/// Why a write acknowledged on receipt is safe to acknowledge: a quorum
+/// holds it, so any new leader must come from that quorum's logs (a voter
+/// refuses a candidate whose log is behind its own, unstable entries
+/// included) unless a quorum crashes first: the loss window DRBD's
+/// protocol B has, at most one group commit wide. What it must not do is
+/// acknowledge a write that the state machine would then refuse: so only
+/// writes past `barrier` (every entry an earlier leader left, and every
+/// attach this one proposed) are acknowledged early, once the barrier is
+/// applied, and only under the epoch the state machine then holds.
+#[derive(Default)]
+struct ReceiptMode {
+    on: bool,
+    /// The term `received` belongs to.
+    term: u64,
+    /// Voter to the highest index it reported holding in `term`.
+    received: HashMap<u64, u64>,
+    barrier: u64,
+    /// Highest index acknowledged on receipt: reads wait for it.
+    acked: u64,
+    /// Flushes waiting for the commit index to reach an index.
+    flushes: Vec<(u64, Reply<()>)>,
 }
 
 /// Everything a replica's driver starts from.
@@ -334,6 +383,8 @@ pub struct GroupSetup {
     pub liveness: Arc<Liveness>,
     /// Replicas the volume is configured with.
     pub replica_count: u64,
+    /// Acknowledge writes on quorum receipt (see [`ReceiptMode`]).
+    pub receipt_mode: bool,
 }
 
 /// Starts the driver task of a local replica.
@@ -380,6 +431,10 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         leader_changes: 0,
         rebuild_copied: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         quiet_ticks: 0,
+        receipt: ReceiptMode {
+            on: setup.receipt_mode,
+            ..ReceiptMode::default()
+        },
     };
     tokio::spawn(driver.run(rx));
     GroupHandle { group_id, tx, status }
@@ -526,6 +581,7 @@ impl Driver {
             }
             GroupEvent::Write { .. }
             | GroupEvent::Read { .. }
+            | GroupEvent::Flush { .. }
             | GroupEvent::ReadLocal { .. }
             | GroupEvent::EpochAt { .. }
             | GroupEvent::Installed { .. }
@@ -548,6 +604,7 @@ impl Driver {
     fn may_hibernate(&self) -> bool {
         let settled = self.writes.is_empty()
             && self.parked.is_empty()
+            && self.receipt.flushes.is_empty()
             && self.reads.is_empty()
             && self.unindexed.is_empty()
             && self.read_batches.is_empty()
@@ -599,6 +656,15 @@ impl Driver {
         match ev {
             GroupEvent::Raft(m) => {
                 let mut m = m;
+                if let Some((term, index)) = receipt_of(&m) {
+                    self.on_receipt(m.from, term, index);
+                    return;
+                }
+                // Quorum-receipt mode: what the leader's append held, to
+                // report once it is in the log (before it is durable).
+                let append = (self.receipt.on && m.get_msg_type() == MessageType::MsgAppend)
+                    .then(|| m.entries.last().map(|e| (m.from, m.term, e.index, e.term)))
+                    .flatten();
                 if (self.installing.is_some() || self.install_persist.is_some())
                     && m.get_msg_type() == MessageType::MsgTimeoutNow
                 {
@@ -626,10 +692,35 @@ impl Driver {
                 }
                 if let Err(e) = self.replica.step(m) {
                     debug!(group = self.group_id, "dropped a raft message: {e}");
+                    return;
+                }
+                if let Some((leader, term, index, entry_term)) = append
+                    && let Some(receipt) = self.replica.receipt_for(leader, term, index, entry_term)
+                {
+                    self.transport.send(leader, self.group_id, receipt);
                 }
             }
-            GroupEvent::Write { epoch, op, reply, span } => self.propose(epoch, op, reply, span),
+            GroupEvent::Write {
+                epoch,
+                op,
+                fua,
+                reply,
+                span,
+            } => self.propose(epoch, op, fua, reply, span),
+            GroupEvent::Flush { reply } => {
+                if !self.replica.is_leader() {
+                    let _ = reply.send(Err(GroupError::NotLeader(self.replica.leader_id())));
+                } else {
+                    self.receipt.flushes.push((self.replica.last_index(), reply));
+                }
+            }
             GroupEvent::Read { offset, length, reply } => {
+                // Only the leader knows which writes it acknowledged on
+                // receipt and must apply before a read.
+                if self.receipt.on && !self.replica.is_leader() {
+                    let _ = reply.send(Err(GroupError::NotLeader(self.replica.leader_id())));
+                    return;
+                }
                 if self.installing.is_some() {
                     let _ = reply.send(Err(GroupError::Retry("replica is installing a snapshot".into())));
                     return;
@@ -650,6 +741,7 @@ impl Driver {
                         reply,
                         asked: Instant::now(),
                         index: None,
+                        min_applied: self.receipt.acked,
                     },
                 );
             }
@@ -697,8 +789,9 @@ impl Driver {
         }
     }
 
-    fn propose(&mut self, epoch: u64, op: VolumeOp, reply: Reply<u64>, span: tracing::Span) {
+    fn propose(&mut self, epoch: u64, op: VolumeOp, fua: bool, reply: Reply<u64>, span: tracing::Span) {
         let token = self.token();
+        let attach = matches!(op, VolumeOp::Attach { .. });
         match self.replica.propose(token, epoch, op.clone()) {
             Ok(()) => {
                 let now = Instant::now();
@@ -706,12 +799,17 @@ impl Driver {
                 debug!(parent: &span, group = self.group_id, index, "proposed");
                 self.clock.record(index, now);
                 self.metrics.proposals.increment(1);
+                if attach {
+                    self.receipt.barrier = self.receipt.barrier.max(index);
+                }
                 self.writes.insert(
                     token,
                     PendingWrite {
-                        reply,
+                        reply: Some(reply),
                         proposed: now,
                         span,
+                        index,
+                        early_epoch: (self.receipt.on && !fua && !attach).then_some(epoch),
                     },
                 );
             }
@@ -728,13 +826,63 @@ impl Driver {
                 if self.parked.len() >= MAX_PARKED_WRITES {
                     let _ = reply.send(Err(GroupError::Retry("write-back cache full".into())));
                 } else {
-                    self.parked.push_back((epoch, op, reply, span));
+                    self.parked.push_back((epoch, op, fua, reply, span));
                     self.start_destage();
                 }
             }
             Err(e @ ProposeError::Raft(_)) => {
                 let _ = reply.send(Err(GroupError::Retry(e.to_string())));
             }
+        }
+    }
+
+    /// A follower holds the leader's log up to `index` (quorum-receipt mode).
+    fn on_receipt(&mut self, from: u64, term: u64, index: u64) {
+        if !self.receipt.on || !self.replica.is_leader() || term != self.replica.term() || term != self.receipt.term {
+            return;
+        }
+        let held = self.receipt.received.entry(from).or_default();
+        *held = (*held).max(index);
+    }
+
+    /// Quorum-receipt mode: acknowledges the writes a quorum holds, and
+    /// answers the flushes whose index is committed.
+    fn ack_on_receipt(&mut self) {
+        let commit = self.replica.commit_index();
+        if !self.receipt.flushes.is_empty() {
+            let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.receipt.flushes)
+                .into_iter()
+                .partition(|(i, _)| *i <= commit);
+            self.receipt.flushes = waiting;
+            for (_, reply) in done {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        if !self.replica.is_leader()
+            || self.receipt.term != self.replica.term()
+            || self.replica.applied_index() < self.receipt.barrier
+        {
+            return;
+        }
+        let held = self.replica.quorum_received(&self.receipt.received);
+        let epoch = self.replica.state().epoch;
+        let barrier = self.receipt.barrier;
+        let mut acked = self.receipt.acked;
+        let mut count = 0;
+        for w in self.writes.values_mut() {
+            if w.index > barrier
+                && w.index <= held
+                && w.early_epoch == Some(epoch)
+                && let Some(reply) = w.reply.take()
+            {
+                acked = acked.max(w.index);
+                count += 1;
+                let _ = reply.send(Ok(w.index));
+            }
+        }
+        self.receipt.acked = acked;
+        if count > 0 {
+            self.metrics.receipt_acks.increment(count);
         }
     }
 
@@ -783,6 +931,9 @@ impl Driver {
             && let Some(out) = self.replica.poll()
         {
             self.dispatch(out);
+        }
+        if self.receipt.on {
+            self.ack_on_receipt();
         }
         self.serve_reads();
         if self.replica.state().cache.bytes() >= DESTAGE_THRESHOLD_BYTES {
@@ -891,7 +1042,10 @@ impl Driver {
             self.log_write(write);
         }
         for c in out.completions {
-            if let Some(PendingWrite { reply, proposed, span }) = self.writes.remove(&c.token) {
+            if let Some(PendingWrite {
+                reply, proposed, span, ..
+            }) = self.writes.remove(&c.token)
+            {
                 self.metrics.commit_duration.record(proposed.elapsed().as_secs_f64());
                 debug!(parent: &span, group = self.group_id, result = ?c.result, "committed and applied");
                 let r = match c.result {
@@ -914,7 +1068,18 @@ impl Driver {
                 };
                 #[cfg(feature = "failpoints")]
                 crate::failpoints::crash_point(crate::failpoints::CRASH_AFTER_APPLY);
-                let _ = reply.send(r);
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(r);
+                    }
+                    // Acknowledged on receipt: the barrier rules make this a
+                    // broken invariant, unless a quorum crashed meanwhile.
+                    None => {
+                        if let Err(e) = r {
+                            error!(group = self.group_id, volume = %self.volume, "a write acknowledged on quorum receipt did not take effect: {e}");
+                        }
+                    }
+                }
             }
         }
         for rs in out.read_states {
@@ -933,11 +1098,20 @@ impl Driver {
             if matches!(role, StateRole::Candidate | StateRole::PreCandidate) {
                 self.metrics.elections.increment(1);
             }
+            if role == StateRole::Leader {
+                // Entries an earlier leader left may change the epoch.
+                self.receipt.barrier = self.replica.last_index();
+                self.receipt.term = self.replica.term();
+                self.receipt.received.clear();
+            }
             if role != StateRole::Leader {
+                for (_, reply) in self.receipt.flushes.drain(..) {
+                    let _ = reply.send(Err(GroupError::NotLeader(leader)));
+                }
                 self.clock.clear();
                 // Parked writes would wait for a destage that may never free
                 // room here; let the router find the new leader.
-                for (_, _, reply, _) in self.parked.drain(..) {
+                for (_, _, _, reply, _) in self.parked.drain(..) {
                     let _ = reply.send(Err(GroupError::NotLeader(leader)));
                 }
             }
@@ -956,7 +1130,7 @@ impl Driver {
         let ready: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| r.index.is_some_and(|i| i <= applied))
+            .filter(|(_, r)| r.index.is_some_and(|i| i.max(r.min_applied) <= applied))
             .map(|(t, _)| *t)
             .collect();
         for t in ready {
@@ -987,20 +1161,23 @@ impl Driver {
         let state_path = self.state_path.clone();
         tokio::spawn(async move {
             let result = async {
+                // Extents are disjoint, so the zeroed ones may go before
+                // the data in one batch.
+                let mut data = Vec::with_capacity(extents.len());
                 for (offset, e) in extents {
                     match e.data {
-                        ExtentData::Data(d) => store.write(offset, d).await,
+                        ExtentData::Data(d) => data.push((offset, d)),
                         ExtentData::Zero => match store.write_zeroes(offset, e.length, ZeroMode::Punch).await {
                             Err(trireme_storage::StorageError::Unsupported(_)) => {
-                                store
-                                    .write(offset, bytes::Bytes::from(vec![0u8; e.length as usize]))
-                                    .await
+                                data.push((offset, bytes::Bytes::from(vec![0u8; e.length as usize])));
+                                Ok(())
                             }
                             r => r,
-                        },
+                        }
+                        .map_err(|e| e.to_string())?,
                     }
-                    .map_err(|e| e.to_string())?;
                 }
+                store.write_many(data).await.map_err(|e| e.to_string())?;
                 store.sync().await.map_err(|e| e.to_string())?;
                 #[cfg(feature = "failpoints")]
                 crate::failpoints::crash_point(crate::failpoints::CRASH_DESTAGE_AFTER_IMAGE_WRITE);
@@ -1209,8 +1386,8 @@ impl Driver {
         self.log_write(write);
         // Room again: retry parked writes in order.
         let parked: Vec<_> = self.parked.drain(..).collect();
-        for (epoch, op, reply, span) in parked {
-            self.propose(epoch, op, reply, span);
+        for (epoch, op, fua, reply, span) in parked {
+            self.propose(epoch, op, fua, reply, span);
         }
     }
 
@@ -1356,8 +1533,9 @@ async fn ask_epoch_at(transport: &Transport, volume: &str, index: u64, replicas:
                 op: fwd_op::EPOCH_AT,
                 offset: index,
                 length: 0,
-                data: Vec::new(),
+                data: bytes::Bytes::new(),
                 may_trim: true,
+                fua: false,
             };
             match tokio::time::timeout(Duration::from_secs(3), transport.forward(node, req)).await {
                 Ok(Ok(r)) if r.errno == fwd_code::OK => {
@@ -1415,8 +1593,9 @@ async fn copy_from_leader(
         op,
         offset,
         length,
-        data: Vec::new(),
+        data: bytes::Bytes::new(),
         may_trim: true,
+        fua: false,
     };
     let mut offset = 0;
     while offset < size {
@@ -1450,13 +1629,11 @@ async fn copy_from_leader(
         }
         let r = if data.iter().all(|b| *b == 0) {
             match store.write_zeroes(offset, length, ZeroMode::Punch).await {
-                Err(trireme_storage::StorageError::Unsupported(_)) => {
-                    store.write(offset, bytes::Bytes::from(data)).await
-                }
+                Err(trireme_storage::StorageError::Unsupported(_)) => store.write(offset, data).await,
                 r => r,
             }
         } else {
-            store.write(offset, bytes::Bytes::from(data)).await
+            store.write(offset, data).await
         };
         // Network trouble is retried (the caller starts the copy over); a
         // disk that fails is not, as in a destage.

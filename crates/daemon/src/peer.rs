@@ -36,7 +36,7 @@ impl PeerHandler for PeerApi {
             Ok(data) => ForwardReply {
                 errno: fwd_code::OK,
                 message: String::new(),
-                data: data.to_vec(),
+                data,
                 leader_hint: 0,
             },
             Err(e) => group_error_to_reply(e),

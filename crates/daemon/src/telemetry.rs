@@ -55,6 +55,8 @@ struct FollowerGauges {
 pub struct GroupMetrics {
     volume: String,
     pub proposals: Counter,
+    /// Writes acknowledged on quorum receipt, before quorum fdatasync.
+    pub receipt_acks: Counter,
     pub commit_duration: Histogram,
     pub leader_changes: Counter,
     pub elections: Counter,
@@ -112,6 +114,7 @@ impl GroupMetrics {
         let g = |name: &'static str| metrics::gauge!(name, "volume" => v.clone());
         GroupMetrics {
             proposals: c("trireme_raft_proposals_total"),
+            receipt_acks: c("trireme_writes_acked_on_receipt_total"),
             commit_duration: metrics::histogram!("trireme_raft_commit_duration_seconds", "volume" => v.clone()),
             leader_changes: c("trireme_raft_leader_changes_total"),
             elections: c("trireme_raft_elections_total"),

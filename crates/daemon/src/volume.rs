@@ -37,6 +37,46 @@ pub struct VolumeMeta {
     pub group_id: u64,
     /// Nodes holding a replica.
     pub replicas: Vec<u64>,
+    /// When a write is acknowledged (absent in metas written before the
+    /// mode existed: those volumes are quorum-fsync).
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+/// When a volume acknowledges a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Once a quorum of replicas holds it in its durable (fdatasynced) log:
+    /// a host can die at any moment and no acknowledged write is lost.
+    #[default]
+    QuorumFsync,
+    /// Once a quorum holds it, in memory or on disk (DRBD's protocol B): an
+    /// acknowledged write is lost only if a quorum of hosts fails before
+    /// its fdatasync, which is at most one group commit later. FLUSH and
+    /// FUA writes wait for quorum fdatasync, so what a filesystem or
+    /// database flushed is as safe as in quorum-fsync mode.
+    QuorumReceipt,
+}
+
+impl Durability {
+    pub const NAMES: [&'static str; 2] = ["quorum-fsync", "quorum-receipt"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::QuorumFsync => "quorum-fsync",
+            Durability::QuorumReceipt => "quorum-receipt",
+        }
+    }
+
+    /// `""` is the default mode.
+    pub fn parse(s: &str) -> Option<Durability> {
+        match s {
+            "" | "quorum-fsync" => Some(Durability::QuorumFsync),
+            "quorum-receipt" => Some(Durability::QuorumReceipt),
+            _ => None,
+        }
+    }
 }
 
 /// How long a request keeps looking for a leader before it fails with EIO.
@@ -90,14 +130,14 @@ pub fn group_error_to_reply(e: GroupError) -> ForwardReply {
     ForwardReply {
         errno,
         message,
-        data: Vec::new(),
+        data: Bytes::new(),
         leader_hint,
     }
 }
 
 fn reply_to_result(r: ForwardReply) -> Result<Bytes, GroupError> {
     match r.errno {
-        fwd_code::OK => Ok(Bytes::from(r.data)),
+        fwd_code::OK => Ok(r.data),
         fwd_code::NOT_LEADER => Err(GroupError::NotLeader(r.leader_hint)),
         fwd_code::FENCED => Err(GroupError::Fenced(r.message)),
         fwd_code::FAILED => Err(GroupError::Failed(r.message)),
@@ -117,6 +157,8 @@ pub struct Volume {
     /// Never changes; kept apart so requests need not copy the meta.
     name: String,
     meta: std::sync::Mutex<VolumeMeta>,
+    /// Quorum-receipt mode (never changes).
+    receipt: bool,
     size_bytes: AtomicU64,
     pub local: Option<LocalReplica>,
     node_id: u64,
@@ -190,6 +232,7 @@ impl Volume {
         Arc::new(Volume {
             name: meta.name.clone(),
             size_bytes: AtomicU64::new(meta.size_bytes),
+            receipt: meta.durability == Durability::QuorumReceipt,
             meta: std::sync::Mutex::new(meta),
             local,
             node_id,
@@ -308,8 +351,10 @@ impl Volume {
         loop {
             let local = target == self.node_id && self.local.is_some();
             // Reads are served by the local replica whenever there is one:
-            // ReadIndex proves freshness through the leader.
-            let result = if local || (is_read && self.local.is_some()) {
+            // ReadIndex proves freshness through the leader. Not in
+            // quorum-receipt mode: the leader may have acknowledged writes
+            // that are not committed yet, which only it knows to wait for.
+            let result = if local || (is_read && self.local.is_some() && !self.receipt) {
                 self.execute_local(&req).await
             } else {
                 // A leader that stopped answering (SIGSTOP, a partition)
@@ -397,21 +442,25 @@ impl Volume {
             fwd_op::WRITE => {
                 let op = VolumeOp::Write {
                     offset: req.offset,
-                    data: Bytes::from(req.data.clone()),
+                    data: req.data.clone(),
                 };
-                group.write(req.epoch, op).await.map(|_| Bytes::new())
+                group.write(req.epoch, op, req.fua).await.map(|_| Bytes::new())
             }
             fwd_op::WRITE_ZEROES | fwd_op::TRIM => {
                 let op = VolumeOp::Zero {
                     offset: req.offset,
                     length: req.length,
                 };
-                group.write(req.epoch, op).await.map(|_| Bytes::new())
+                group.write(req.epoch, op, req.fua).await.map(|_| Bytes::new())
             }
+            // Quorum-fsync: every acknowledged write is durable on a quorum
+            // already. Quorum-receipt: wait until everything the leader
+            // holds is.
+            fwd_op::FLUSH if self.receipt => group.flush().await.map(|()| Bytes::new()),
             fwd_op::FLUSH => Ok(Bytes::new()),
             fwd_op::ATTACH => {
                 let node = req.offset;
-                group.write(0, VolumeOp::Attach { node_id: node }).await?;
+                group.write(0, VolumeOp::Attach { node_id: node }, true).await?;
                 if self.meta().replicas.contains(&node) {
                     let _ = group.send(crate::group::GroupEvent::TransferLeader(node)).await;
                 }
@@ -435,8 +484,9 @@ impl Volume {
             op,
             offset,
             length,
-            data: data.to_vec(),
+            data,
             may_trim: true,
+            fua: false,
         }
     }
 
@@ -613,9 +663,10 @@ impl VolumeSession {
         ))
     }
 
-    async fn write_op(&self, op: u32, offset: u64, length: u64, data: Bytes) -> DeviceResult<()> {
+    async fn write_op(&self, op: u32, offset: u64, length: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
         self.check_writer()?;
-        let req = self.volume.request(op, self.epoch, offset, length, data);
+        let mut req = self.volume.request(op, self.epoch, offset, length, data);
+        req.fua = fua;
         self.volume.route(req).await.map(|_| ()).map_err(|e| self.to_device(e))
     }
 }
@@ -635,10 +686,11 @@ impl BlockDevice for VolumeSession {
         Ok(data)
     }
 
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> DeviceResult<()> {
-        // Acknowledged only once committed on a quorum's durable logs: FUA needs nothing more.
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
+        // FUA matters only in quorum-receipt mode: otherwise every write is
+        // acknowledged once durable on a quorum.
         let length = data.len() as u64;
-        self.write_op(fwd_op::WRITE, offset, length, data).await
+        self.write_op(fwd_op::WRITE, offset, length, data, fua).await
     }
 
     async fn write_zeroes(
@@ -647,22 +699,26 @@ impl BlockDevice for VolumeSession {
         length: u32,
         _may_trim: bool,
         _fast_only: bool,
-        _fua: bool,
+        fua: bool,
     ) -> DeviceResult<()> {
         // A zero entry is a few bytes in the log whatever the range: always fast.
-        self.write_op(fwd_op::WRITE_ZEROES, offset, u64::from(length), Bytes::new())
+        self.write_op(fwd_op::WRITE_ZEROES, offset, u64::from(length), Bytes::new(), fua)
             .await
     }
 
-    async fn trim(&self, offset: u64, length: u32, _fua: bool) -> DeviceResult<()> {
-        self.write_op(fwd_op::TRIM, offset, u64::from(length), Bytes::new())
+    async fn trim(&self, offset: u64, length: u32, fua: bool) -> DeviceResult<()> {
+        self.write_op(fwd_op::TRIM, offset, u64::from(length), Bytes::new(), fua)
             .await
     }
 
     async fn flush(&self) -> DeviceResult<()> {
-        // Every acknowledged write, on any session of any node, is already
-        // committed to a quorum's durable logs: nothing is left to flush.
-        Ok(())
+        // Quorum-fsync: every acknowledged write, on any session of any
+        // node, is already committed to a quorum's durable logs.
+        if !self.volume.receipt {
+            return Ok(());
+        }
+        let req = self.volume.request(fwd_op::FLUSH, self.epoch, 0, 0, Bytes::new());
+        self.volume.route(req).await.map(|_| ()).map_err(|e| self.to_device(e))
     }
 }
 

@@ -1,17 +1,20 @@
-//! The production log: TiKV's raft-engine under `DATA_DIR/raft-log`, fed by
-//! one writer thread that turns every request waiting at once into one
-//! `LogBatch`, one write and one fdatasync.
+//! The production log: TiKV's raft-engine under `DATA_DIR/raft-log`. Every
+//! request waiting at once becomes one `LogBatch`, one write and one
+//! fdatasync, done on the thread of the caller that found no round in
+//! progress (the daemon has one log-writer thread, so each round runs on
+//! it, without a hand-off to a thread of ours or raft-engine's: that hop
+//! cost two wake-ups per round, on the path of every write).
 //!
-//! Why our own writer thread rather than raft-engine's write group (its
+//! Why we merge rather than rely on raft-engine's write group (its
 //! `Engine::write` also merges concurrent callers):
 //! - raft-engine's group issues one `pwrite` per caller (one sync for all);
 //!   merging first gives one `pwrite` per round;
 //! - every write must be checked against the entries the group will hold
 //!   when it lands (raft-engine panics on a gap, after the data is on disk),
 //!   which needs the writes serialised anyway;
-//! - raft-engine panics when fdatasync fails; on one thread of our own that
-//!   panic is caught and becomes [`LogError::Failed`] for every caller,
-//!   instead of unwinding through whichever replica thread led the group.
+//! - raft-engine panics when fdatasync fails; the round catches that panic
+//!   and it becomes [`LogError::Failed`] for every caller, instead of
+//!   unwinding through whichever thread led the group.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -19,8 +22,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use raft::eraftpb::Entry;
 use raft_engine::env::{DefaultFileSystem, FileSystem, Handle, Permission};
@@ -227,6 +229,8 @@ struct Job {
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Job>,
+    /// A caller is running rounds; new jobs wait for it.
+    writing: bool,
     shutdown: bool,
 }
 
@@ -234,7 +238,6 @@ struct Shared {
     dir: PathBuf,
     engine: Guarded,
     queue: Mutex<Queue>,
-    wake: Condvar,
     /// Set once an unrecoverable error happened; every request then fails.
     failed: Mutex<Option<String>>,
     stats: Arc<FsStats>,
@@ -284,14 +287,13 @@ impl Shared {
         self.engine.first_index(group).zip(self.engine.last_index(group))
     }
 
-    fn writer_loop(&self) {
+    /// Runs rounds until no job is left, then hands the writer role back.
+    fn write_rounds(&self) {
         loop {
             let jobs = {
                 let mut q = lock(&self.queue);
-                while q.jobs.is_empty() && !q.shutdown {
-                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-                }
                 if q.jobs.is_empty() {
+                    q.writing = false;
                     return;
                 }
                 let mut jobs = Vec::new();
@@ -455,7 +457,6 @@ fn add_to_batch(
 /// The node-wide Raft log on raft-engine.
 pub struct EngineLog {
     shared: Arc<Shared>,
-    writer: Option<JoinHandle<()>>,
 }
 
 impl EngineLog {
@@ -564,23 +565,10 @@ impl EngineLog {
             dir: dir.clone(),
             engine: Guarded(Some(engine)),
             queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
             failed: Mutex::new(None),
             stats,
         });
-        let s = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("raftlog-writer".to_string())
-            .spawn(move || s.writer_loop())
-            .map_err(|e| LogError::Io {
-                op: "starting the writer thread for",
-                path: dir.clone(),
-                source: e,
-            })?;
-        Ok(EngineLog {
-            shared,
-            writer: Some(writer),
-        })
+        Ok(EngineLog { shared })
     }
 
     pub fn dir(&self) -> &Path {
@@ -590,7 +578,7 @@ impl EngineLog {
     fn submit(&self, op: Op, bytes: usize) -> Result<(), LogError> {
         self.shared.check()?;
         let (tx, rx) = sync_channel(1);
-        {
+        let lead = {
             let mut q = lock(&self.shared.queue);
             if q.shutdown {
                 return Err(LogError::Closed {
@@ -598,8 +586,11 @@ impl EngineLog {
                 });
             }
             q.jobs.push_back(Job { op, bytes, reply: tx });
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if lead {
+            self.shared.write_rounds();
         }
-        self.shared.wake.notify_one();
         rx.recv().unwrap_or_else(|_| {
             Err(LogError::Closed {
                 dir: self.shared.dir.clone(),
@@ -616,10 +607,6 @@ impl EngineLog {
 impl Drop for EngineLog {
     fn drop(&mut self) {
         lock(&self.shared.queue).shutdown = true;
-        self.shared.wake.notify_all();
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
     }
 }
 

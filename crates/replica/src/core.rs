@@ -162,6 +162,11 @@ const SNAPSHOT_EPOCH_BYTES: usize = 28;
 
 /// The data a leader puts in a snapshot it sends: the epoch and attached
 /// node as of the snapshot's index.
+/// The (term, index) a receipt from [`Replica::receipt_for`] carries, if `m` is one.
+pub fn receipt_of(m: &Message) -> Option<(u64, u64)> {
+    (m.get_msg_type() == MessageType::MsgUnreachable).then_some((m.term, m.index))
+}
+
 pub fn encode_snapshot_epoch(epoch: u64, attached_node: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(SNAPSHOT_EPOCH_BYTES);
     v.extend_from_slice(SNAPSHOT_EPOCH_MAGIC);
@@ -554,6 +559,50 @@ impl Replica {
 
     pub fn transfer_leader(&mut self, to: u64) {
         self.node.transfer_leader(to);
+    }
+
+    /// In quorum-receipt mode: once an append from `leader` in `term`,
+    /// whose last entry was (`index`, `entry_term`), has been stepped, the
+    /// receipt to send back if this replica's log now holds that entry
+    /// (durable or not). None if the append was not accepted.
+    ///
+    /// On the wire a receipt is a `MsgUnreachable`: raft-rs only ever raises
+    /// that type locally, so no real Raft message can be taken for one.
+    pub fn receipt_for(&self, leader: u64, term: u64, index: u64, entry_term: u64) -> Option<Message> {
+        let raft = &self.node.raft;
+        if raft.term != term || raft.leader_id != leader || raft.raft_log.term(index).ok()? != entry_term {
+            return None;
+        }
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgUnreachable);
+        m.from = self.id;
+        m.to = leader;
+        m.term = term;
+        m.index = index;
+        Some(m)
+    }
+
+    /// The highest index a quorum of voters holds, durable or not, given
+    /// the receipts of the leader's current term (`received`: voter id to
+    /// index). The leader holds its whole log. 0 unless leader.
+    pub fn quorum_received(&self, received: &std::collections::HashMap<u64, u64>) -> u64 {
+        if !self.is_leader() {
+            return 0;
+        }
+        let last = self.last_index();
+        let mut held: Vec<u64> = self
+            .voters()
+            .into_iter()
+            .map(|id| {
+                if id == self.id {
+                    last
+                } else {
+                    received.get(&id).copied().unwrap_or(0)
+                }
+            })
+            .collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        held.get(held.len() / 2).copied().unwrap_or(0)
     }
 
     /// A message from a peer. Messages for another group or from an
@@ -1031,6 +1080,46 @@ mod tests {
                 .map(|c| c.result.clone())
                 .collect()
         }
+    }
+
+    /// Quorum-receipt mode's building blocks: a follower's receipt counts
+    /// an append before it is durable, and only for what its log holds.
+    #[test]
+    fn receipts_count_appends_before_they_are_durable() {
+        let mut c = Cluster::new(3);
+        c.elect(1);
+        c.slow_disk.insert(2);
+        c.slow_disk.insert(3);
+        let w = c.write(1, 0);
+        c.pump();
+        let (index, term) = (c.r(1).last_index(), c.r(1).term());
+        assert!(c.r(1).commit_index() < index, "committed before a follower's fsync");
+        assert!(c.outcomes(w).is_empty());
+        let mut received = std::collections::HashMap::new();
+        assert!(
+            c.r(1).quorum_received(&received) < index,
+            "the leader alone is no quorum"
+        );
+        let receipt = c
+            .r(2)
+            .receipt_for(1, term, index, term)
+            .expect("node 2 holds the entry");
+        assert_eq!((receipt.from, receipt.to), (2, 1));
+        assert_eq!(receipt_of(&receipt), Some((term, index)));
+        // Not for entries it lacks, another term, or another leader.
+        assert!(c.r(2).receipt_for(1, term, index + 1, term).is_none());
+        assert!(c.r(2).receipt_for(1, term + 1, index, term).is_none());
+        assert!(c.r(2).receipt_for(3, term, index, term).is_none());
+        received.insert(2, index);
+        assert_eq!(c.r(1).quorum_received(&received), index);
+        // Followers do not count receipts, and real messages are not receipts.
+        assert_eq!(c.r(2).quorum_received(&received), 0);
+        let mut append = Message::default();
+        append.set_msg_type(MessageType::MsgAppend);
+        assert_eq!(receipt_of(&append), None);
+        // Durability still comes from the fsync: the write commits once node 2's is done.
+        c.release(2);
+        assert_eq!(c.outcomes(w), vec![Ok(index)]);
     }
 
     /// Seeds 4 and 20 of the simulation: a deposed leader's write commits

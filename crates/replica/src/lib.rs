@@ -17,7 +17,7 @@ pub mod op;
 
 pub use crate::core::{
     ApplyError, Completion, MAX_ATTACH_HISTORY, Output, PersistTask, ProposeError, Replica, ReplicaConfig,
-    SnapshotInstall, VolumeState, decode_snapshot_epoch, encode_snapshot_epoch,
+    SnapshotInstall, VolumeState, decode_snapshot_epoch, encode_snapshot_epoch, receipt_of,
 };
 pub use cache::{ExtentData, Segment, WriteCache};
 pub use op::{EntryOp, VolumeOp};

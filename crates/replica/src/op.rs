@@ -7,7 +7,7 @@
 //! offset, `b` the payload length; for zeroing, offset and length; for an
 //! attach, the node id and 0.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 pub const FORMAT_VERSION: u8 = 1;
 pub const HEADER_BYTES: usize = 30;
@@ -66,7 +66,9 @@ impl EntryOp {
             VolumeOp::Zero { offset, length } => (KIND_ZERO, *offset, *length, &[]),
             VolumeOp::Attach { node_id } => (KIND_ATTACH, *node_id, 0, &[]),
         };
-        let mut out = BytesMut::with_capacity(HEADER_BYTES + payload.len());
+        // A Vec, because raft-rs takes the entry's data as one, and so the
+        // payload is copied once, here, on its way into the log.
+        let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
         out.put_u8(FORMAT_VERSION);
         out.put_u8(kind);
         out.put_u64_le(self.epoch);
@@ -76,7 +78,7 @@ impl EntryOp {
         crc = crc32c::crc32c_append(crc, payload);
         out.put_u32_le(crc);
         out.put_slice(payload);
-        out.to_vec()
+        out
     }
 
     /// Decodes and verifies an entry. `data` is shared, not copied.

@@ -86,6 +86,18 @@ pub trait BlockStore: Send + Sync + 'static {
             self.sync().await
         }
     }
+    /// Writes many disjoint extents, not durable until a later
+    /// [`BlockStore::sync`]. A destage hands over thousands of small extents
+    /// at once; a store that can write them without a round trip each
+    /// overrides this.
+    fn write_many(&self, extents: Vec<(u64, Bytes)>) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for (offset, data) in extents {
+                self.write(offset, data).await?;
+            }
+            Ok(())
+        }
+    }
     /// May fail with [`StorageError::Unsupported`] when the filesystem can't
     /// zero without writing; the caller then writes zeroes itself.
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> impl Future<Output = Result<()>> + Send;

@@ -606,6 +606,20 @@ impl BlockStore for UringStore {
         self.write_op(offset, data, true).await
     }
 
+    /// Plain `pwrite`s on a blocking thread: a buffered write only copies
+    /// into the page cache, and through io_uring each one would be punted
+    /// to an io-wq worker and cost two wake-ups (profiled under 4k random
+    /// writes: a quarter of all CPU went to the destage's round trips).
+    async fn write_many(&self, extents: Vec<(u64, Bytes)>) -> Result<()> {
+        if extents.is_empty() {
+            return Ok(());
+        }
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || write_extents(&file, &extents))
+            .await
+            .map_err(|_| StorageError::EngineStopped)?
+    }
+
     async fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<()> {
         if length == 0 {
             return Ok(());
@@ -662,6 +676,69 @@ impl BlockStore for UringStore {
         .and_then(|r| r);
         r.map_err(|source| StorageError::File { path, source })
     }
+}
+
+/// Writes each extent in full, merging runs of adjacent extents into one
+/// `pwritev` (a sequential stream destages in few large writes).
+fn write_extents(file: &File, extents: &[(u64, Bytes)]) -> Result<()> {
+    let mut i = 0;
+    while i < extents.len() {
+        let start = extents[i].0;
+        let mut end = start + extents[i].1.len() as u64;
+        let mut j = i + 1;
+        while j < extents.len() && extents[j].0 == end && j - i < MAX_IOVECS {
+            end += extents[j].1.len() as u64;
+            j += 1;
+        }
+        #[cfg(feature = "failpoints")]
+        if let Some(source) = crate::failpoints::injected_io_error(crate::failpoints::IMAGE_WRITE) {
+            return Err(StorageError::Io {
+                op: "write",
+                offset: start,
+                length: end - start,
+                source,
+            });
+        }
+        pwritev_all(file, start, &extents[i..j]).map_err(|source| StorageError::Io {
+            op: "write",
+            offset: start,
+            length: end - start,
+            source,
+        })?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Most buffers in one `pwritev` (Linux's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 512;
+
+/// One run of adjacent extents, retried after short writes.
+fn pwritev_all(file: &File, offset: u64, run: &[(u64, Bytes)]) -> io::Result<()> {
+    let total: usize = run.iter().map(|(_, d)| d.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // Skip what was written: whole buffers, then part of one.
+        let mut skip = done;
+        let mut iov = Vec::with_capacity(run.len());
+        for (_, d) in run {
+            if skip >= d.len() {
+                skip -= d.len();
+                continue;
+            }
+            iov.push(io::IoSlice::new(&d[skip..]));
+            skip = 0;
+        }
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset past off_t"))?;
+        match nix::sys::uio::pwritev(file, &iov, at) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing")),
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -727,6 +804,35 @@ mod tests {
             let r = s.read(i * 8192, 8192).await.expect("read");
             assert!(r.iter().all(|b| *b == (i % 251) as u8));
         }
+    }
+
+    #[tokio::test]
+    async fn write_many_merges_adjacent_runs_and_keeps_gaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_e, s) = store(&dir, 1 << 20);
+        // Two adjacent runs (one of 600 buffers, past one pwritev's limit)
+        // and a lone extent, with untouched gaps between them.
+        let mut extents: Vec<(u64, Bytes)> = (0..600u64)
+            .map(|i| (i * 512, Bytes::from(vec![(i % 251) as u8 + 1; 512])))
+            .collect();
+        extents.push((400_000, Bytes::from(vec![0xee; 100])));
+        extents.push((400_100, Bytes::from(vec![0xdd; 4096])));
+        extents.push((900_000, Bytes::from(vec![0xcc; 7])));
+        s.write_many(extents).await.expect("write_many");
+        s.sync().await.expect("sync");
+        let r = s.read(0, 1 << 20).await.expect("read");
+        for i in 0..600usize {
+            assert!(
+                r[i * 512..(i + 1) * 512].iter().all(|&b| b == (i % 251) as u8 + 1),
+                "block {i}"
+            );
+        }
+        assert!(r[600 * 512..400_000].iter().all(|&b| b == 0), "gap after the first run");
+        assert!(r[400_000..400_100].iter().all(|&b| b == 0xee));
+        assert!(r[400_100..404_196].iter().all(|&b| b == 0xdd));
+        assert!(r[404_196..900_000].iter().all(|&b| b == 0));
+        assert_eq!(&r[900_000..900_007], &[0xcc; 7]);
+        assert!(r[900_007..].iter().all(|&b| b == 0));
     }
 
     #[tokio::test]

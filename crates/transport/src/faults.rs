@@ -399,7 +399,7 @@ mod tests {
         RaftBatch {
             messages: vec![GroupMessage {
                 group_id: n,
-                message: Vec::new(),
+                message: Default::default(),
             }],
         }
     }

@@ -427,7 +427,7 @@ fn build_batch(ctx: &SenderCtx, pending: &[Outgoing]) -> (Option<(RaftBatch, u64
         bytes += cost;
         batch.messages.push(GroupMessage {
             group_id: out.group_id,
-            message: encoded,
+            message: encoded.into(),
         });
     }
     let count = batch.messages.len() as u64;

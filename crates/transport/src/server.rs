@@ -219,7 +219,8 @@ impl<H> PeerServiceImpl<H> {
                 self.max_message_bytes
             )));
         }
-        let message = match Message::parse_from_bytes(&gm.message) {
+        // Entry payloads stay slices of the received buffer (no copy).
+        let message = match Message::parse_from_carllerche_bytes(&gm.message) {
             Ok(m) => m,
             Err(e) => {
                 metrics::counter!("trireme_transport_inbound_dropped_total", "peer" => from.to_string(), "reason" => "corrupt")

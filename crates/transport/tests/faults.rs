@@ -146,7 +146,7 @@ async fn unary_calls_to_a_dropped_peer_fail_at_once_and_delays_hold_them() {
     let (a, _b, _b_in) = pair().await;
     let req = ForwardRequest {
         volume: "vol".into(),
-        data: vec![7],
+        data: vec![7].into(),
         ..Default::default()
     };
     a.net_faults()

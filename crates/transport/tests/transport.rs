@@ -40,7 +40,7 @@ impl PeerHandler for TestHandler {
         self.forwards.fetch_add(1, Ordering::SeqCst);
         match req.op {
             op::READ => ForwardReply {
-                data: vec![from as u8; req.length as usize],
+                data: vec![from as u8; req.length as usize].into(),
                 ..Default::default()
             },
             op::WRITE => ForwardReply {
@@ -308,7 +308,7 @@ async fn wrong_cluster_secret_or_node_is_refused_and_nothing_is_delivered() {
     let batch = RaftBatch {
         messages: vec![GroupMessage {
             group_id: 5,
-            message: protobuf::Message::write_to_bytes(&raft_msg(1, 2, 0, 0)).unwrap(),
+            message: protobuf::Message::write_to_bytes(&raft_msg(1, 2, 0, 0)).unwrap().into(),
         }],
     };
     let refused = raw
@@ -332,7 +332,9 @@ async fn wrong_cluster_secret_or_node_is_refused_and_nothing_is_delivered() {
     let batch = RaftBatch {
         messages: vec![GroupMessage {
             group_id: 6,
-            message: protobuf::Message::write_to_bytes(&raft_msg(1, 2, 77, 0)).unwrap(),
+            message: protobuf::Message::write_to_bytes(&raft_msg(1, 2, 77, 0))
+                .unwrap()
+                .into(),
         }],
     };
     raw.raft(with_creds(tokio_stream::iter(vec![batch]), CLUSTER, 1, SECRET))
@@ -540,7 +542,7 @@ async fn forward_and_catalog_round_trip() {
                 volume: "vol".into(),
                 op: op::WRITE,
                 length: 3,
-                data: vec![1, 2, 3],
+                data: vec![1, 2, 3].into(),
                 ..Default::default()
             },
         )
@@ -588,6 +590,7 @@ async fn forward_and_catalog_round_trip() {
         group_id: 17,
         delete: false,
         created_at_unix_s: 1_700_000_000,
+        durability: "quorum-receipt".into(),
     };
     a.transport.catalog(2, change.clone()).await.unwrap();
     assert_eq!(b.handler.catalogs.lock().unwrap().as_slice(), &[(1, change)]);
@@ -645,7 +648,7 @@ async fn oversized_messages_are_refused() {
         let batch = RaftBatch {
             messages: vec![GroupMessage {
                 group_id: 1,
-                message: vec![0; size],
+                message: vec![0; size].into(),
             }],
         };
         let status = raw
@@ -662,7 +665,7 @@ async fn oversized_messages_are_refused() {
             ForwardRequest {
                 volume: "v".into(),
                 op: op::WRITE,
-                data: vec![0; 2 * LIMIT],
+                data: vec![0; 2 * LIMIT].into(),
                 ..Default::default()
             },
             CLUSTER,
@@ -686,7 +689,7 @@ async fn oversized_messages_are_refused() {
             ForwardRequest {
                 volume: "v".into(),
                 op: op::WRITE,
-                data: vec![0; 2 * LIMIT],
+                data: vec![0; 2 * LIMIT].into(),
                 ..Default::default()
             },
         )
@@ -718,7 +721,10 @@ async fn crafted_raft_payloads_are_dropped_and_the_stream_goes_on() {
     let batch = RaftBatch {
         messages: [nested, in_entry, vec![0xff; 64], misaddressed, valid]
             .into_iter()
-            .map(|message| GroupMessage { group_id: 1, message })
+            .map(|message| GroupMessage {
+                group_id: 1,
+                message: message.into(),
+            })
             .collect(),
     };
     let mut raw = raw_client(pb).await;
