@@ -1166,8 +1166,14 @@ impl Drop for Cluster {
 
 /// Runs `qemu-io -f raw URI -c CMD...` with a timeout.
 pub fn qemu_io<S: AsRef<str>>(uri: &str, cmds: &[S]) -> Result<Output> {
+    qemu_io_opts(&[], uri, cmds)
+}
+
+/// `qemu_io` with extra options before the URI (such as `-t writeback`:
+/// qemu-io's default cache mode, writethrough, sets FUA on every write).
+pub fn qemu_io_opts<S: AsRef<str>>(opts: &[&str], uri: &str, cmds: &[S]) -> Result<Output> {
     let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
+    cmd.args(["-f", "raw"]).args(opts).arg(uri);
     for c in cmds {
         cmd.arg("-c").arg(c.as_ref());
     }
@@ -1177,7 +1183,12 @@ pub fn qemu_io<S: AsRef<str>>(uri: &str, cmds: &[S]) -> Result<Output> {
 /// qemu-io that must succeed: exit 0 and no "error"/"failed" in its output.
 /// Returns stdout.
 pub fn qemu_io_ok<S: AsRef<str>>(uri: &str, cmds: &[S]) -> Result<String> {
-    let out = qemu_io(uri, cmds)?;
+    qemu_io_ok_opts(&[], uri, cmds)
+}
+
+/// `qemu_io_ok` with extra options (see `qemu_io_opts`).
+pub fn qemu_io_ok_opts<S: AsRef<str>>(opts: &[&str], uri: &str, cmds: &[S]) -> Result<String> {
+    let out = qemu_io_opts(opts, uri, cmds)?;
     let all = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

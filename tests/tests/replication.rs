@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, ensure};
 use trireme_tests::{
     ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, metric_sum, nbd, nbd_sha256, pattern,
-    qemu_io_ok, run_fio_checked, run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked, wait_for_acks,
-    wait_until,
+    qemu_io_ok, qemu_io_ok_opts, run_fio_checked, run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked,
+    wait_for_acks, wait_until,
 };
 
 /// Every test here takes this lock first (see the module comment).
@@ -816,25 +816,7 @@ fn quorum_receipt_volume_acks_on_receipt_and_keeps_what_was_flushed() -> Result<
     // Plain writes then a FLUSH, and a FUA write, through the leader.
     // qemu-io's default cache mode (writethrough) sets FUA on every write:
     // writeback sends plain ones.
-    let writeback = |uri: &str, cmds: &[&str]| -> Result<()> {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw", "-t", "writeback", uri]);
-        for c in cmds {
-            cmd.arg("-c").arg(c);
-        }
-        let out = run_with_timeout(&mut cmd, Duration::from_secs(60))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ensure!(
-            out.status.success() && !text.to_ascii_lowercase().contains("failed"),
-            "qemu-io {uri} {cmds:?}: {}",
-            describe(&out)
-        );
-        Ok(())
-    };
+    let writeback = |uri: &str, cmds: &[&str]| qemu_io_ok_opts(&["-t", "writeback"], uri, cmds).map(|_| ());
     writeback(
         &uri_of(leader)?,
         &[

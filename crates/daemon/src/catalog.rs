@@ -199,6 +199,13 @@ fn read_meta(dir: &Path, node_id: u64) -> Result<VolumeMeta> {
     }
 }
 
+/// A durability mode from a request; `what` names the field in the error.
+fn durability_arg(what: &str, s: &str) -> Result<Durability> {
+    Durability::parse(s).ok_or_else(|| {
+        DaemonError::InvalidArgument(format!("{what} {s:?} must be one of {}", Durability::NAMES.join(", ")))
+    })
+}
+
 fn change_of(meta: &VolumeMeta, delete: bool) -> CatalogChange {
     CatalogChange {
         name: meta.name.clone(),
@@ -558,12 +565,7 @@ impl Catalog {
     ) -> Result<Arc<Volume>> {
         validate_name(name)?;
         validate_size("size_bytes", size_bytes)?;
-        let durability = Durability::parse(durability).ok_or_else(|| {
-            DaemonError::InvalidArgument(format!(
-                "durability {durability:?} must be one of {}",
-                Durability::NAMES.join(", ")
-            ))
-        })?;
+        let durability = durability_arg("durability", durability)?;
         let nodes = self.nodes.len() as u32;
         let replica_count = if replica_count == 0 {
             nodes.min(3)
@@ -643,14 +645,10 @@ impl Catalog {
             created_at_unix_s: change.created_at_unix_s,
             group_id: change.group_id,
             replicas: change.replicas.clone(),
-            durability: Durability::parse(&change.durability).ok_or_else(|| {
-                DaemonError::InvalidArgument(format!(
-                    "catalog change for {}: durability {:?} must be one of {}",
-                    change.name,
-                    change.durability,
-                    Durability::NAMES.join(", ")
-                ))
-            })?,
+            durability: durability_arg(
+                &format!("catalog change for {}: durability", change.name),
+                &change.durability,
+            )?,
         };
         let staging = self.volumes_dir.join(format!(".creating-{}", meta.id));
         let final_dir = self.volumes_dir.join(&meta.id);

@@ -456,7 +456,8 @@ fn add_to_batch(
 
 /// The node-wide Raft log on raft-engine.
 pub struct EngineLog {
-    shared: Arc<Shared>,
+    // Not shared with a thread any more: rounds run on the callers.
+    shared: Shared,
 }
 
 impl EngineLog {
@@ -561,14 +562,15 @@ impl EngineLog {
             Ok(Err(e)) => return Err(open_err(e.to_string())),
             Err(panic) => return Err(open_err(format!("raft-engine panicked: {}", panic_message(&*panic)))),
         };
-        let shared = Arc::new(Shared {
-            dir: dir.clone(),
-            engine: Guarded(Some(engine)),
-            queue: Mutex::new(Queue::default()),
-            failed: Mutex::new(None),
-            stats,
-        });
-        Ok(EngineLog { shared })
+        Ok(EngineLog {
+            shared: Shared {
+                dir: dir.clone(),
+                engine: Guarded(Some(engine)),
+                queue: Mutex::new(Queue::default()),
+                failed: Mutex::new(None),
+                stats,
+            },
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -629,7 +631,7 @@ impl RaftLogStore for EngineLog {
     }
 
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {
-        let s = &*self.shared;
+        let s = &self.shared;
         s.check()?;
         if !s.engine.raft_groups().contains(&group) {
             return Ok(None);
@@ -691,7 +693,7 @@ impl RaftLogStore for EngineLog {
     }
 
     fn purge(&self) -> Result<Vec<u64>, LogError> {
-        let s = &*self.shared;
+        let s = &self.shared;
         s.check()?;
         match catch_unwind(AssertUnwindSafe(|| s.engine.purge_expired_files())) {
             Ok(Ok(groups)) => Ok(groups),
