@@ -62,7 +62,10 @@ pub struct LogConfig {
     /// Bytes of empty log files written once, at the first start, for the
     /// log to recycle: appends then overwrite written blocks instead of
     /// growing new files, which costs about half the CPU per byte on the
-    /// write path. 0 turns it off (files are still recycled once purged).
+    /// write path. Non-zero also zero-fills each new log file before use, so
+    /// no append lands in fallocated space (whose fdatasync must commit the
+    /// file system journal). 0 turns both off (files are still recycled
+    /// once purged).
     #[serde(default = "default_log_prefill_bytes")]
     pub prefill_bytes: u64,
 }

@@ -62,8 +62,10 @@ pub struct EngineLogConfig {
     pub verify_on_open: bool,
     /// Bytes of empty log files to write at the first open, for raft-engine
     /// to recycle: appends then overwrite written blocks instead of growing
-    /// a file (no allocation in the page cache or the file system). 0: off;
-    /// files are still recycled once purged.
+    /// a file (no allocation in the page cache or the file system). Non-zero
+    /// also zero-fills every new append file (the first one, and any made
+    /// when no recycled file is free) before use. 0: off; files are still
+    /// recycled once purged.
     pub prefill_bytes: u64,
 }
 
@@ -90,15 +92,27 @@ struct FsStats {
     sync_failed: AtomicBool,
     /// Why that fdatasync failed: raft-engine's panic says only "unwrap".
     sync_error: Mutex<Option<String>>,
+    /// New append files zero-filled (see `CountingFs::zero_fill_bytes`).
+    zero_filled_files: AtomicU64,
     #[cfg(test)]
     fail_syncs: AtomicBool,
 }
 
 /// raft-engine's default file system, counting fdatasyncs (and, in tests,
-/// failing them).
+/// failing them), and writing new append files through before use.
 struct CountingFs {
     inner: DefaultFileSystem,
     stats: Arc<FsStats>,
+    /// Bytes of zeroes written (and synced) into each new append file
+    /// before raft-engine gets it; 0: none. raft-engine otherwise grows a
+    /// new file with fallocate, which leaves unwritten extents: every
+    /// append then converts one, and its fdatasync must commit the file
+    /// system journal. On this machine's ext4 that made a 4 KiB append's
+    /// sync take ~470 us instead of ~290 us with three logs on one disk.
+    /// Recycled files (prefilled or reused) are written already; this
+    /// covers the first file and any made when none is free, at the cost
+    /// of one `target_file_size` write when the file is made.
+    zero_fill_bytes: u64,
 }
 
 type InnerHandle = <DefaultFileSystem as FileSystem>::Handle;
@@ -146,6 +160,26 @@ impl Handle for CountingHandle {
     }
 }
 
+/// Writes zeroes from the end of `fd` to `bytes` and syncs them, so that
+/// the blocks are allocated and written before any log record lands there.
+/// A crash part-way leaves a file of zeroes without a header, which the
+/// open treats as the torn tail it is (nothing in it was acknowledged).
+fn zero_fill(fd: &InnerHandle, bytes: u64) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeroes = vec![0u8; CHUNK];
+    let mut at = fd.file_size()?;
+    let end = usize::try_from(bytes).map_err(io::Error::other)?;
+    while at < end {
+        let n = (end - at).min(CHUNK);
+        let written = fd.write(at, &zeroes[..n])?;
+        if written == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "zero-filling a new log file"));
+        }
+        at += written;
+    }
+    fd.sync()
+}
+
 impl CountingFs {
     fn wrap(&self, fd: InnerHandle) -> CountingHandle {
         CountingHandle {
@@ -161,7 +195,14 @@ impl FileSystem for CountingFs {
     type Writer = <DefaultFileSystem as FileSystem>::Writer;
 
     fn create<P: AsRef<Path>>(&self, path: P) -> io::Result<CountingHandle> {
-        Ok(self.wrap(self.inner.create(path)?))
+        let fd = self.inner.create(path.as_ref())?;
+        // Only the append queue: rewrite files are written in bulk and
+        // rarely, and reserved (prefill) files are zeroes already.
+        if self.zero_fill_bytes > 0 && path.as_ref().extension().is_some_and(|e| e == "raftlog") {
+            zero_fill(&fd, self.zero_fill_bytes)?;
+            self.stats.zero_filled_files.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(self.wrap(fd))
     }
 
     fn open<P: AsRef<Path>>(&self, path: P, perm: Permission) -> io::Result<CountingHandle> {
@@ -539,6 +580,12 @@ impl EngineLog {
         let fs = Arc::new(CountingFs {
             inner: DefaultFileSystem,
             stats: stats.clone(),
+            // With recycling asked for, no append file is ever grown.
+            zero_fill_bytes: if config.prefill_bytes > 0 {
+                config.target_file_size
+            } else {
+                0
+            },
         });
         let cfg = Config {
             dir: dir_str,
@@ -598,6 +645,11 @@ impl EngineLog {
                 dir: self.shared.dir.clone(),
             })
         })
+    }
+
+    /// New append files zero-filled before use since the open.
+    pub fn zero_filled_files(&self) -> u64 {
+        self.shared.stats.zero_filled_files.load(Ordering::Relaxed)
     }
 
     #[cfg(test)]

@@ -943,6 +943,53 @@ fn recycled_files_survive_restarts() {
     eprintln!("recycling: files after 6 rounds: {names:?}");
 }
 
+/// With recycling on, a new append file is zero-filled and synced before
+/// raft-engine writes to it, so appends overwrite written blocks (a grown,
+/// fallocated file makes each append's fdatasync commit the journal).
+#[test]
+fn new_append_files_are_written_through_before_use() {
+    let f = EngineFixture::with(recycled_files());
+    let s = f.open().unwrap();
+    assert!(s.zero_filled_files() >= 1, "the first append file is zero-filled");
+    let first = log_files(&f.path()).pop().unwrap();
+    let size = std::fs::metadata(&first).unwrap().len();
+    assert!(
+        size >= 16 * 1024,
+        "{} is {size} bytes, not a whole file",
+        first.display()
+    );
+    fill(&s, 40);
+    drop(s);
+    let s = f.open().unwrap();
+    assert_eq!(load(&s, 1).entries.len(), 40);
+
+    // Without recycling nothing is zero-filled (raft-engine grows files).
+    let plain = EngineFixture::new();
+    assert_eq!(plain.open().unwrap().zero_filled_files(), 0);
+}
+
+/// A crash after a new file was zero-filled but before raft-engine wrote
+/// its header leaves a last file of zeroes: a torn tail holding nothing
+/// acknowledged, so the open keeps everything before it.
+#[test]
+fn a_zero_filled_file_cut_before_its_header_is_a_torn_tail() {
+    let f = EngineFixture::with(recycled_files());
+    let s = f.open().unwrap();
+    fill(&s, 40);
+    drop(s);
+    let last = log_files(&f.path()).pop().unwrap();
+    let seq: u64 = last.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    let next = f.path().join(format!("{:016}.raftlog", seq + 1));
+    std::fs::write(&next, vec![0u8; 16 * 1024]).unwrap();
+    let s = f.open().unwrap();
+    let st = load(&s, 1);
+    assert_eq!(st.entries.len(), 40);
+    assert_eq!(st.hard_state.commit, 40);
+    fill_from(&s, 41, 60);
+    drop(s);
+    assert_eq!(load(&f.open().unwrap(), 1).entries.len(), 60);
+}
+
 // ---------------------------------------------------------------------------
 // Hostile input: the verifier and the value decoder against random files
 // and random damage to valid ones. `PROPTEST_CASES=20000 cargo test -p
