@@ -198,7 +198,12 @@ impl FileSystem for CountingFs {
         let fd = self.inner.create(path.as_ref())?;
         // Only the append queue: rewrite files are written in bulk and
         // rarely, and reserved (prefill) files are zeroes already.
-        if self.zero_fill_bytes > 0 && path.as_ref().extension().is_some_and(|e| e == "raftlog") {
+        if self.zero_fill_bytes > 0
+            && path
+                .as_ref()
+                .to_str()
+                .is_some_and(|p| p.ends_with(verify::APPEND_SUFFIX))
+        {
             zero_fill(&fd, self.zero_fill_bytes)?;
             self.stats.zero_filled_files.fetch_add(1, Ordering::Relaxed);
         }
@@ -648,7 +653,8 @@ impl EngineLog {
     }
 
     /// New append files zero-filled before use since the open.
-    pub fn zero_filled_files(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn zero_filled_files(&self) -> u64 {
         self.shared.stats.zero_filled_files.load(Ordering::Relaxed)
     }
 

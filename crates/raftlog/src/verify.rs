@@ -37,7 +37,7 @@ const ALIGNMENT_LEN: usize = 8;
 const BATCH_HEADER_LEN: u64 = 16;
 const CHECKSUM_LEN: u64 = 4;
 const SEQ_WIDTH: usize = 16;
-const APPEND_SUFFIX: &str = ".raftlog";
+pub(crate) const APPEND_SUFFIX: &str = ".raftlog";
 const REWRITE_SUFFIX: &str = ".rewrite";
 /// Read granularity for checksumming and probing.
 const CHUNK: usize = 1 << 20;
