@@ -612,6 +612,8 @@ pub struct Cluster {
     // stays until every process is gone.
     _ports: PortLease,
     dir: Option<tempfile::TempDir>,
+    /// Keep `dir` when dropped, whatever TRIREME_KEEP_TEST_DIRS says.
+    keep_dir: bool,
 }
 
 /// Unmounts each of `mounts` (lazily, so a straggler cannot keep it busy).
@@ -635,6 +637,12 @@ impl Cluster {
     /// `dev up` (one node), optionally with `--volume-size SIZE`.
     pub fn start_with(test_name: &str, volume_size: Option<&str>) -> Result<Self> {
         Self::start_nodes(test_name, 1, volume_size)
+    }
+
+    /// Keeps this cluster's temp dir (data, node logs) when it is dropped,
+    /// as evidence for a test that found a problem.
+    pub fn keep_dir_on_drop(&mut self) {
+        self.keep_dir = true;
     }
 
     /// `dev up --nodes N`, optionally with `--volume-size SIZE`. Retries with
@@ -674,6 +682,7 @@ impl Cluster {
                         root,
                         _ports: ports,
                         dir: Some(dir),
+                        keep_dir: false,
                     });
                 }
                 Err((e, in_use)) => {
@@ -1153,7 +1162,7 @@ impl Drop for Cluster {
             unmount_all(&self.mounts);
         }
         if let Some(dir) = self.dir.take()
-            && std::env::var_os("TRIREME_KEEP_TEST_DIRS").is_some()
+            && (self.keep_dir || std::env::var_os("TRIREME_KEEP_TEST_DIRS").is_some())
         {
             eprintln!("[trireme-tests] keeping {}", dir.keep().display());
         }

@@ -29,6 +29,11 @@ fn run_kind_times(test: &str, fault: Fault, times: usize) -> Result<()> {
     cfg.interval = Duration::from_secs(2);
     let report = nemesis::run(&mut cluster, &cfg)?;
     println!("nemesis {} (seed {seed}):\n{}", fault.name(), report.table());
+    if !report.ok() {
+        // The node logs are the evidence; a passing run's dir is not kept
+        // (a full suite of them would fill the disk).
+        cluster.keep_dir_on_drop();
+    }
     ensure!(
         report.ok(),
         "the {} nemesis found problems (seed {seed}):\n{}\n{:#?}",

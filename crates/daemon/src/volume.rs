@@ -168,51 +168,104 @@ pub struct Volume {
     /// Writes routed through this node and not yet answered: what decides
     /// whether a forwarded write whose outcome was lost may be retried.
     routed_writes: std::sync::Mutex<RoutedWrites>,
+    routed_write_done: tokio::sync::Notify,
 }
 
 /// The writes in flight through `Volume::route`, with whether each overlaps
-/// another one in flight (in either order).
+/// another one in flight (in either order), and which are in doubt.
 ///
 /// A forwarded write that reached a leader which then died may have
 /// committed. Sending it again applies it twice; that is harmless unless an
 /// overlapping write lands between the two, which would make a reader see
-/// the first value, then the other one, then the first again. With no
-/// overlapping write in flight through this node, nothing can land between
-/// them from here: the retry is safe, and the client sees a pause, not an
-/// error. An overlapped one gets EIO (outcome unknown) instead. Writes
-/// through other nodes are not seen here: only an unattached volume takes
-/// writes from several nodes at once.
+/// the first value, then the other one, then the first again. So:
+/// - a write whose outcome was lost while an overlapping write was in
+///   flight through this node gets EIO (outcome unknown), not a retry;
+/// - a write whose outcome was lost with no overlap is *in doubt* while it
+///   is retried, and an overlapping write that arrives meanwhile waits
+///   until it is answered before it is sent. Nothing from this node can
+///   then land between the two copies. (The nemesis caught the retry of a
+///   write committed by a leader that crashed landing after such a later
+///   write, which had overtaken it.)
+///
+/// The lost copy itself cannot land after the retry: a leader that died
+/// before committing it left it, at most, in the log of its successor,
+/// which commits it before anything of its own term; one that was deposed
+/// while it stalled can no longer commit it; one that was only slow queued
+/// it in its group ahead of the retry. Writes through other
+/// nodes are not seen here: only an unattached volume takes writes from
+/// several nodes at once.
 #[derive(Default)]
 struct RoutedWrites {
     next_id: u64,
-    /// id -> (offset, length, overlapped).
-    inflight: std::collections::HashMap<u64, (u64, u64, bool)>,
+    inflight: std::collections::HashMap<u64, RoutedWrite>,
+}
+
+struct RoutedWrite {
+    offset: u64,
+    length: u64,
+    /// Another write over these bytes was in flight at the same time.
+    overlapped: bool,
+    /// Its outcome was lost once and it is being retried.
+    in_doubt: bool,
+}
+
+impl RoutedWrite {
+    fn overlaps(&self, offset: u64, length: u64) -> bool {
+        let end = offset.saturating_add(length.max(1));
+        self.offset < end && offset < self.offset.saturating_add(self.length.max(1))
+    }
 }
 
 impl RoutedWrites {
     fn register(&mut self, offset: u64, length: u64) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
-        let end = offset.saturating_add(length.max(1));
         let mut overlapped = false;
-        for (o, l, flag) in self.inflight.values_mut() {
-            if *o < end && offset < o.saturating_add((*l).max(1)) {
-                *flag = true;
+        // A write in doubt is not marked: this one waits for it (see
+        // `behind_in_doubt`), so they are not in flight together.
+        for w in self.inflight.values_mut() {
+            if !w.in_doubt && w.overlaps(offset, length) {
+                w.overlapped = true;
                 overlapped = true;
             }
         }
-        self.inflight.insert(id, (offset, length, overlapped));
+        self.inflight.insert(
+            id,
+            RoutedWrite {
+                offset,
+                length,
+                overlapped,
+                in_doubt: false,
+            },
+        );
         id
     }
 
     fn overlapped(&self, id: u64) -> bool {
-        self.inflight.get(&id).is_none_or(|(_, _, f)| *f)
+        self.inflight.get(&id).is_none_or(|w| w.overlapped)
+    }
+
+    fn mark_in_doubt(&mut self, id: u64) {
+        if let Some(w) = self.inflight.get_mut(&id) {
+            w.in_doubt = true;
+        }
+    }
+
+    /// True while an earlier overlapping write is in doubt: `id` must not
+    /// be sent before it is answered.
+    fn behind_in_doubt(&self, id: u64) -> bool {
+        let Some(me) = self.inflight.get(&id) else { return false };
+        self.inflight
+            .iter()
+            .any(|(other, w)| *other < id && w.in_doubt && w.overlaps(me.offset, me.length))
     }
 }
 
 /// Unregisters a routed write however `route` returns.
 struct RoutedWriteGuard<'a> {
     writes: &'a std::sync::Mutex<RoutedWrites>,
+    /// Wakes writes waiting behind this one (see `behind_in_doubt`).
+    done: &'a tokio::sync::Notify,
     id: u64,
 }
 
@@ -223,6 +276,7 @@ impl Drop for RoutedWriteGuard<'_> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .inflight
             .remove(&self.id);
+        self.done.notify_waiters();
     }
 }
 
@@ -240,6 +294,7 @@ impl Volume {
             open_sessions: AtomicU32::new(0),
             revoke,
             routed_writes: std::sync::Mutex::new(RoutedWrites::default()),
+            routed_write_done: tokio::sync::Notify::new(),
         })
     }
 
@@ -334,18 +389,27 @@ impl Volume {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             RoutedWriteGuard {
                 writes: &self.routed_writes,
+                done: &self.routed_write_done,
                 id: w.register(req.offset, req.length),
             }
         });
+        if let Some(g) = &guard {
+            self.wait_behind_in_doubt(g.id, deadline).await?;
+        }
         // A lost outcome may be retried only without an overlapping write
-        // in flight (see RoutedWrites).
+        // in flight; the write is then in doubt until answered (see
+        // RoutedWrites).
         let may_retry = |guard: &Option<RoutedWriteGuard<'_>>| {
             guard.as_ref().is_none_or(|g| {
-                !self
+                let mut w = self
                     .routed_writes
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .overlapped(g.id)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let retry = !w.overlapped(g.id);
+                if retry {
+                    w.mark_in_doubt(g.id);
+                }
+                retry
             })
         };
         loop {
@@ -409,6 +473,32 @@ impl Volume {
             if wait {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    /// Waits (until `deadline`) while an earlier overlapping write routed
+    /// through this node is in doubt: see RoutedWrites.
+    async fn wait_behind_in_doubt(&self, id: u64, deadline: Instant) -> Result<(), GroupError> {
+        loop {
+            let done = self.routed_write_done.notified();
+            tokio::pin!(done);
+            // Registered before the check, so a guard dropped in between
+            // still wakes us.
+            done.as_mut().enable();
+            let behind = self
+                .routed_writes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .behind_in_doubt(id);
+            if !behind {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline.into(), done).await.is_err() {
+                return Err(GroupError::Failed(format!(
+                    "volume {}: an overlapping write in doubt was not answered within {ROUTE_TIMEOUT:?}",
+                    self.meta().name
+                )));
             }
         }
     }
@@ -754,6 +844,29 @@ mod tests {
         // A zero-length range (a flush-sized request) still occupies its offset.
         let d = w.register(8192, 0);
         assert!(w.overlapped(d) && w.overlapped(b));
+    }
+
+    #[test]
+    fn a_write_in_doubt_holds_back_overlapping_writes_until_answered() {
+        let mut w = RoutedWrites::default();
+        let a = w.register(0, 4096);
+        // Its outcome was lost with nothing overlapping: retried, in doubt.
+        assert!(!w.overlapped(a));
+        w.mark_in_doubt(a);
+        let b = w.register(2048, 4096);
+        let c = w.register(8192, 4096);
+        assert!(w.behind_in_doubt(b), "an overlapping write waits for the retry");
+        assert!(!w.behind_in_doubt(c), "a disjoint one does not");
+        assert!(!w.behind_in_doubt(a));
+        assert!(
+            !w.overlapped(a) && !w.overlapped(b),
+            "a write that waits is not in flight with it: neither loses its retry"
+        );
+        w.inflight.remove(&a);
+        assert!(!w.behind_in_doubt(b), "answered: the waiting write goes");
+        // Two writes in flight together: a lost outcome is not retried.
+        let d = w.register(2048, 1);
+        assert!(w.overlapped(b) && w.overlapped(d));
     }
 
     /// A forwarded request fails on the forwarding node as it failed on the
