@@ -468,6 +468,63 @@ fn attach(cluster: &Cluster, node: u64, epoch: u64) -> Result<VolumeInfo> {
     Ok(info)
 }
 
+/// Back-to-back reads on the leader are served under its read lease, not a
+/// ReadIndex round each; moving the leadership (attach elsewhere) ends that
+/// lease: the deposed leader's node then reads what the new leader
+/// acknowledged, and the new leader reads on a lease of its own.
+#[test]
+fn leader_reads_ride_the_lease_until_leadership_moves() -> Result<()> {
+    const NAME: &str = "repl-lease";
+    const READS: u64 = 20;
+    let _serial = serial_lock(SERIAL, SERIAL_WAIT)?;
+    let (cluster, info) = three_nodes(NAME)?;
+    let vol = cluster.volume().to_string();
+    let old = info.leader;
+    let new = followers(&cluster, old)[0];
+    let lease_reads = |id: u64| -> Result<f64> {
+        Ok(metric_sum(
+            &cluster.metrics_of(id)?,
+            "trireme_reads_on_lease_total",
+            &[("volume", vol.as_str())],
+        ))
+    };
+    let b = BLOCK as usize;
+    let reads_on_lease = |conn: &mut nbd::Conn, id: u64, want: &[u8], what: &str| -> Result<f64> {
+        let before = lease_reads(id)?;
+        for h in 0..READS {
+            ensure!(
+                conn.pread(10 + h, 0, BLOCK as u32)? == want,
+                "{what}: read {h} on node {id} did not return the last write"
+            );
+        }
+        let on_lease = lease_reads(id)? - before;
+        ensure!(
+            on_lease >= (READS / 2) as f64,
+            "{what}: only {on_lease} of {READS} back-to-back reads on leader {id} used its read lease"
+        );
+        Ok(on_lease)
+    };
+
+    let (mut s_old, _) = nbd::open(&cluster.node_by_id(old)?.nbd, &vol)?;
+    let a = pattern(1, 0, b);
+    s_old.pwrite(1, 0, &a, 0).context("write on the first leader")?;
+    let n = reads_on_lease(&mut s_old, old, &a, "first leader")?;
+    eprintln!("[{NAME}] {n} of {READS} reads on leader {old} served on its lease");
+
+    attach(&cluster, new, 1)?;
+    let (mut s_new, _) = nbd::open(&cluster.node_by_id(new)?.nbd, &vol)?;
+    let c = pattern(2, 1, b);
+    s_new.pwrite(1, 0, &c, 0).context("write on the new leader")?;
+    let (mut s_old2, _) = nbd::open(&cluster.node_by_id(old)?.nbd, &vol)?;
+    ensure!(
+        s_old2.pread(1, 0, BLOCK as u32)? == c,
+        "stale read: node {old}, leader until the move, did not return the new leader's write"
+    );
+    let n = reads_on_lease(&mut s_new, new, &c, "new leader")?;
+    eprintln!("[{NAME}] after the move: {n} of {READS} reads on leader {new} served on its lease");
+    Ok(())
+}
+
 #[test]
 fn fencing_old_session_gets_eperm() -> Result<()> {
     const NAME: &str = "repl-fencing";

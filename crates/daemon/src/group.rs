@@ -34,6 +34,36 @@ const MAX_PARKED_WRITES: usize = 1024;
 /// Destage once this much is cached, or at the next destage interval.
 const DESTAGE_THRESHOLD_BYTES: u64 = 32 * 1024 * 1024;
 const DESTAGE_INTERVAL: Duration = Duration::from_millis(500);
+/// The leader's read lease: for this long after it asked a ReadIndex round
+/// that a quorum then confirmed, the leader serves reads at its commit
+/// index without another round (C2's "leader lease with check_quorum").
+///
+/// Why no other leader can commit anything before the lease ends: every
+/// follower that confirmed the round heard the leader at or after the ask,
+/// and from then on grants no (pre-)vote until one of
+/// - its election timeout of 10 ticks passes with no word from the leader
+///   (check_quorum's lease in raft: at least 900 ms),
+/// - its node liveness has heard nothing from the leader's node for
+///   [`crate::liveness::NODE_DOWN_AFTER`] (700 ms) and expires that lease,
+/// - it restarts, after which it grants no vote for [`VOTE_HOLD_AFTER_START`],
+/// - a leadership transfer forces a campaign, which the leader starts
+///   itself, and which stops the lease for [`LEASE_HOLD_AFTER_TRANSFER`].
+///
+/// A confirming quorum meets every electing quorum, so a new leader exists
+/// no sooner than 700 ms after the ask. The 200 ms margin is the clock
+/// assumption: each node's monotonic clock may run up to ~30% slow or fast
+/// against another's, and a process paused mid-read (SIGSTOP, a VM stall)
+/// checked its lease before the pause, so its reply is still linearizable at
+/// that instant.
+pub const READ_LEASE: Duration = Duration::from_millis(500);
+/// A replica grants no vote this soon after its group started: a restart
+/// forgets when it last heard its leader, and a leader may still hold a
+/// lease this replica's last acknowledgement confirmed.
+const VOTE_HOLD_AFTER_START: Duration = Duration::from_millis(1000);
+/// No read lease this long after a leadership transfer was asked: the
+/// target's forced campaign may come late (a slow MsgTimeoutNow), after
+/// raft gave up waiting for it (one election timeout).
+const LEASE_HOLD_AFTER_TRANSFER: Duration = Duration::from_millis(3000);
 /// Entries the leader keeps for a lagging follower before compacting past
 /// it anyway (it then needs a snapshot).
 const MAX_RETAINED_ENTRIES: u64 = 200_000;
@@ -271,6 +301,15 @@ fn first_token(node_id: u64) -> u64 {
     ((node_id & 0xffff) << 48) | ((nanos & 0xffff_ffff) << 16)
 }
 
+/// One ReadIndex round: the reads it confirms, and when and in which term
+/// it was asked (a round the leader asked extends its lease from then).
+#[derive(Default)]
+struct ReadBatch {
+    reads: Vec<u64>,
+    asked: Option<Instant>,
+    leader_term: Option<u64>,
+}
+
 struct PendingRead {
     offset: u64,
     length: u64,
@@ -307,7 +346,15 @@ struct Driver {
     /// Reads waiting for the next ReadIndex round, and the rounds asked:
     /// one round confirms every read that arrived before it was asked.
     unindexed: Vec<u64>,
-    read_batches: HashMap<u64, Vec<u64>>,
+    read_batches: HashMap<u64, ReadBatch>,
+    /// The read lease (term, until): see [`READ_LEASE`].
+    lease: Option<(u64, Instant)>,
+    /// No lease before this (a leadership transfer was asked).
+    lease_hold_until: Option<Instant>,
+    /// A ReadIndex round asked only to renew the lease is in flight.
+    renewing_lease: bool,
+    /// When this driver started: no vote before [`VOTE_HOLD_AFTER_START`].
+    started: Instant,
     installing: Option<Install>,
     /// Rebuilding after data loss: vote requests are ignored until the
     /// replica has applied what the leader had committed when it first
@@ -422,6 +469,10 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         install_persist: None,
         unindexed: Vec::new(),
         read_batches: HashMap::new(),
+        lease: None,
+        lease_hold_until: None,
+        renewing_lease: false,
+        started: Instant::now(),
         recovering: setup.recovering,
         leader_commit_seen: 0,
         next_token: first_token(setup_node_id),
@@ -562,8 +613,14 @@ impl Driver {
             }
         }
         let reads = &self.reads;
-        self.read_batches
-            .retain(|_, ts| ts.iter().any(|t| reads.contains_key(t)));
+        // A lease renewal (no reads) stays while it may still extend the
+        // lease: this replica leads, and it was asked lately.
+        let leading = self.replica.is_leader();
+        self.read_batches.retain(|_, b| match b.reads.is_empty() {
+            true => leading && b.asked.is_some_and(|a| a.elapsed() <= READ_INDEX_TIMEOUT),
+            false => b.reads.iter().any(|t| reads.contains_key(t)),
+        });
+        self.renewing_lease = self.read_batches.values().any(|b| b.reads.is_empty());
         self.unindexed.retain(|t| reads.contains_key(t));
     }
 
@@ -694,6 +751,18 @@ impl Driver {
                 {
                     self.replica.expire_leader_lease();
                 }
+                if matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                ) && self.started.elapsed() < VOTE_HOLD_AFTER_START
+                {
+                    debug!(
+                        group = self.group_id,
+                        from = m.from,
+                        "vote request ignored: started too recently (read lease)"
+                    );
+                    return;
+                }
                 if self.recovering {
                     match m.get_msg_type() {
                         MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => return,
@@ -744,10 +813,15 @@ impl Driver {
                     let _ = reply.send(Err(GroupError::NotLeader(0)));
                     return;
                 }
-                // The ReadIndex round is asked once for every read that
-                // arrived in this turn of the loop (batched in drain_ready).
                 let token = self.token();
-                self.unindexed.push(token);
+                // Under the lease, the commit index is the read index. Else
+                // the ReadIndex round is asked once for every read that
+                // arrived in this turn of the loop (batched in drain_ready).
+                let index = self.lease_read_index();
+                match index {
+                    Some(_) => self.metrics.lease_reads.increment(1),
+                    None => self.unindexed.push(token),
+                }
                 self.reads.insert(
                     token,
                     PendingRead {
@@ -755,7 +829,7 @@ impl Driver {
                         length,
                         reply,
                         asked: Instant::now(),
-                        index: None,
+                        index,
                         min_applied: self.receipt.acked,
                     },
                 );
@@ -794,6 +868,10 @@ impl Driver {
             GroupEvent::Installed { index, result } => self.on_installed(index, result),
             GroupEvent::TransferLeader(to) => {
                 if self.replica.is_leader() && to != self.replica.id() {
+                    // The target's campaign overrides every follower's
+                    // leader lease, so this leader's read lease ends now.
+                    self.lease = None;
+                    self.lease_hold_until = Some(Instant::now() + LEASE_HOLD_AFTER_TRANSFER);
                     self.replica.transfer_leader(to);
                 }
             }
@@ -928,9 +1006,8 @@ impl Driver {
 
     fn drain_ready(&mut self) {
         if !self.unindexed.is_empty() {
-            let batch = self.token();
-            self.replica.read_index(batch);
-            self.read_batches.insert(batch, std::mem::take(&mut self.unindexed));
+            let reads = std::mem::take(&mut self.unindexed);
+            self.ask_read_index(reads);
         }
         if self.recovering
             && self.installing.is_none()
@@ -967,6 +1044,8 @@ impl Driver {
             return;
         }
         self.known_leader = leader;
+        self.lease = None;
+        self.renewing_lease = false;
         // Raft drops ReadIndex requests in flight to a leader that is gone;
         // their readers retry now rather than after READ_INDEX_TIMEOUT.
         self.retry_unconfirmed_reads("read index not confirmed: the leader changed", |_| true);
@@ -1101,7 +1180,14 @@ impl Driver {
             let mut b = [0u8; 8];
             if rs.request_ctx.len() == 8 {
                 b.copy_from_slice(&rs.request_ctx);
-                for t in self.read_batches.remove(&u64::from_le_bytes(b)).unwrap_or_default() {
+                let batch = self.read_batches.remove(&u64::from_le_bytes(b)).unwrap_or_default();
+                if let (Some(asked), Some(term)) = (batch.asked, batch.leader_term) {
+                    if batch.reads.is_empty() {
+                        self.renewing_lease = false;
+                    }
+                    self.extend_lease(asked, term);
+                }
+                for t in batch.reads {
                     if let Some(r) = self.reads.get_mut(&t) {
                         r.index = Some(rs.index);
                     }
@@ -1131,6 +1217,55 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Asks one ReadIndex round for `reads` (none: a lease renewal).
+    fn ask_read_index(&mut self, reads: Vec<u64>) {
+        let batch = self.token();
+        let leader = self.replica.is_leader();
+        self.read_batches.insert(
+            batch,
+            ReadBatch {
+                reads,
+                // Before raft makes the round's heartbeats: every follower
+                // that confirms it heard this leader after this instant.
+                asked: leader.then(Instant::now),
+                leader_term: leader.then(|| self.replica.term()),
+            },
+        );
+        self.replica.read_index(batch);
+    }
+
+    fn lease_allowed(&self, now: Instant) -> bool {
+        self.replica.is_leader() && !self.replica.is_transferring() && self.lease_hold_until.is_none_or(|t| now >= t)
+    }
+
+    /// A round this leader asked at `asked`, in `term`, was confirmed.
+    fn extend_lease(&mut self, asked: Instant, term: u64) {
+        if term != self.replica.term() || !self.lease_allowed(Instant::now()) {
+            return;
+        }
+        let until = asked + READ_LEASE;
+        if self.lease.is_none_or(|(t, u)| t != term || u < until) {
+            self.lease = Some((term, until));
+        }
+    }
+
+    /// The read index under a valid lease (the commit index: the lease
+    /// says no other leader has committed anything), else None. Renews the
+    /// lease ahead of its end while reads keep coming.
+    fn lease_read_index(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let (term, until) = self.lease?;
+        if term != self.replica.term() || now >= until || !self.lease_allowed(now) {
+            self.lease = None;
+            return None;
+        }
+        if until - now < READ_LEASE / 2 && !self.renewing_lease {
+            self.renewing_lease = true;
+            self.ask_read_index(Vec::new());
+        }
+        Some(self.replica.commit_index())
     }
 
     fn serve_reads(&mut self) {

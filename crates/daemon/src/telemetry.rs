@@ -57,6 +57,8 @@ pub struct GroupMetrics {
     pub proposals: Counter,
     /// Writes acknowledged on quorum receipt, before quorum fdatasync.
     pub receipt_acks: Counter,
+    /// Leader reads served under the read lease, without a ReadIndex round.
+    pub lease_reads: Counter,
     pub commit_duration: Histogram,
     pub leader_changes: Counter,
     pub elections: Counter,
@@ -115,6 +117,7 @@ impl GroupMetrics {
         GroupMetrics {
             proposals: c("trireme_raft_proposals_total"),
             receipt_acks: c("trireme_writes_acked_on_receipt_total"),
+            lease_reads: c("trireme_reads_on_lease_total"),
             commit_duration: metrics::histogram!("trireme_raft_commit_duration_seconds", "volume" => v.clone()),
             leader_changes: c("trireme_raft_leader_changes_total"),
             elections: c("trireme_raft_elections_total"),

@@ -367,6 +367,11 @@ impl Replica {
     pub fn term(&self) -> u64 {
         self.node.raft.term
     }
+    /// A leadership transfer is under way: its target may campaign past
+    /// every follower's leader lease (raft's forced campaign).
+    pub fn is_transferring(&self) -> bool {
+        self.node.raft.lead_transferee.is_some()
+    }
     pub fn state(&self) -> &VolumeState {
         &self.state
     }
