@@ -1471,11 +1471,8 @@ pub fn run(cluster: &mut Cluster, cfg: &Config) -> Result<Report> {
     check(&history, &mut report);
     if !report.ok() {
         // Evidence beside the node logs, for a run whose dir is kept.
-        let dir = cluster.info.nodes.first().and_then(|n| n.data_dir.parent());
-        if let (Some(path), Ok(json)) = (
-            dir.map(|d| d.join("nemesis-history.json")),
-            serde_json::to_string(&history),
-        ) {
+        let path = cluster.scratch().join("nemesis-history.json");
+        if let Ok(json) = serde_json::to_string(&history) {
             let _ = fs::write(&path, json);
             report.problems.push(format!("history written to {}", path.display()));
         }

@@ -301,13 +301,13 @@ fn first_token(node_id: u64) -> u64 {
     ((node_id & 0xffff) << 48) | ((nanos & 0xffff_ffff) << 16)
 }
 
-/// One ReadIndex round: the reads it confirms, and when and in which term
-/// it was asked (a round the leader asked extends its lease from then).
+/// One ReadIndex round: the reads it confirms (none: a lease renewal), and,
+/// if this replica led when it asked, when and in which term (a confirmed
+/// round extends the lease from then).
 #[derive(Default)]
 struct ReadBatch {
     reads: Vec<u64>,
-    asked: Option<Instant>,
-    leader_term: Option<u64>,
+    lease_from: Option<(Instant, u64)>,
 }
 
 struct PendingRead {
@@ -351,8 +351,6 @@ struct Driver {
     lease: Option<(u64, Instant)>,
     /// No lease before this (a leadership transfer was asked).
     lease_hold_until: Option<Instant>,
-    /// A ReadIndex round asked only to renew the lease is in flight.
-    renewing_lease: bool,
     /// When this driver started: no vote before [`VOTE_HOLD_AFTER_START`].
     started: Instant,
     installing: Option<Install>,
@@ -471,7 +469,6 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         read_batches: HashMap::new(),
         lease: None,
         lease_hold_until: None,
-        renewing_lease: false,
         started: Instant::now(),
         recovering: setup.recovering,
         leader_commit_seen: 0,
@@ -617,10 +614,9 @@ impl Driver {
         // lease: this replica leads, and it was asked lately.
         let leading = self.replica.is_leader();
         self.read_batches.retain(|_, b| match b.reads.is_empty() {
-            true => leading && b.asked.is_some_and(|a| a.elapsed() <= READ_INDEX_TIMEOUT),
+            true => leading && b.lease_from.is_some_and(|(a, _)| a.elapsed() <= READ_INDEX_TIMEOUT),
             false => b.reads.iter().any(|t| reads.contains_key(t)),
         });
-        self.renewing_lease = self.read_batches.values().any(|b| b.reads.is_empty());
         self.unindexed.retain(|t| reads.contains_key(t));
     }
 
@@ -1045,7 +1041,6 @@ impl Driver {
         }
         self.known_leader = leader;
         self.lease = None;
-        self.renewing_lease = false;
         // Raft drops ReadIndex requests in flight to a leader that is gone;
         // their readers retry now rather than after READ_INDEX_TIMEOUT.
         self.retry_unconfirmed_reads("read index not confirmed: the leader changed", |_| true);
@@ -1181,10 +1176,7 @@ impl Driver {
             if rs.request_ctx.len() == 8 {
                 b.copy_from_slice(&rs.request_ctx);
                 let batch = self.read_batches.remove(&u64::from_le_bytes(b)).unwrap_or_default();
-                if let (Some(asked), Some(term)) = (batch.asked, batch.leader_term) {
-                    if batch.reads.is_empty() {
-                        self.renewing_lease = false;
-                    }
+                if let Some((asked, term)) = batch.lease_from {
                     self.extend_lease(asked, term);
                 }
                 for t in batch.reads {
@@ -1222,15 +1214,13 @@ impl Driver {
     /// Asks one ReadIndex round for `reads` (none: a lease renewal).
     fn ask_read_index(&mut self, reads: Vec<u64>) {
         let batch = self.token();
-        let leader = self.replica.is_leader();
         self.read_batches.insert(
             batch,
             ReadBatch {
                 reads,
                 // Before raft makes the round's heartbeats: every follower
                 // that confirms it heard this leader after this instant.
-                asked: leader.then(Instant::now),
-                leader_term: leader.then(|| self.replica.term()),
+                lease_from: self.replica.is_leader().then(|| (Instant::now(), self.replica.term())),
             },
         );
         self.replica.read_index(batch);
@@ -1261,8 +1251,8 @@ impl Driver {
             self.lease = None;
             return None;
         }
-        if until - now < READ_LEASE / 2 && !self.renewing_lease {
-            self.renewing_lease = true;
+        // A renewal is a round with no reads; one at a time.
+        if until - now < READ_LEASE / 2 && !self.read_batches.values().any(|b| b.reads.is_empty()) {
             self.ask_read_index(Vec::new());
         }
         Some(self.replica.commit_index())

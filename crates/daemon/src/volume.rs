@@ -191,9 +191,9 @@ pub struct Volume {
 /// before committing it left it, at most, in the log of its successor,
 /// which commits it before anything of its own term; one that was deposed
 /// while it stalled can no longer commit it; one that was only slow queued
-/// it in its group ahead of the retry. Writes through other
-/// nodes are not seen here: only an unattached volume takes writes from
-/// several nodes at once.
+/// it in its group ahead of the retry. Writes through other nodes are not
+/// seen here: only an unattached volume takes writes from several nodes at
+/// once.
 #[derive(Default)]
 struct RoutedWrites {
     next_id: u64,
@@ -217,14 +217,22 @@ impl RoutedWrite {
 }
 
 impl RoutedWrites {
-    fn register(&mut self, offset: u64, length: u64) -> u64 {
+    /// Registers a write; also returns whether it must wait behind one in
+    /// doubt (see `behind_in_doubt`) before it is sent.
+    fn register(&mut self, offset: u64, length: u64) -> (u64, bool) {
         self.next_id += 1;
         let id = self.next_id;
         let mut overlapped = false;
-        // A write in doubt is not marked: this one waits for it (see
-        // `behind_in_doubt`), so they are not in flight together.
+        let mut behind = false;
+        // A write in doubt is not marked: this one waits for it, so they
+        // are not in flight together.
         for w in self.inflight.values_mut() {
-            if !w.in_doubt && w.overlaps(offset, length) {
+            if !w.overlaps(offset, length) {
+                continue;
+            }
+            if w.in_doubt {
+                behind = true;
+            } else {
                 w.overlapped = true;
                 overlapped = true;
             }
@@ -238,17 +246,23 @@ impl RoutedWrites {
                 in_doubt: false,
             },
         );
-        id
+        (id, behind)
     }
 
     fn overlapped(&self, id: u64) -> bool {
         self.inflight.get(&id).is_none_or(|w| w.overlapped)
     }
 
-    fn mark_in_doubt(&mut self, id: u64) {
+    /// The outcome of `id` was lost: true if it may be sent again (no
+    /// overlapping write was in flight with it), and it is then in doubt.
+    fn retry_after_loss(&mut self, id: u64) -> bool {
+        if self.overlapped(id) {
+            return false;
+        }
         if let Some(w) = self.inflight.get_mut(&id) {
             w.in_doubt = true;
         }
+        true
     }
 
     /// True while an earlier overlapping write is in doubt: `id` must not
@@ -382,36 +396,24 @@ impl Volume {
         let mut backoff = BACKOFF_MIN;
         let is_read = req.op == fwd_op::READ;
         let mutates = matches!(req.op, fwd_op::WRITE | fwd_op::WRITE_ZEROES | fwd_op::TRIM);
+        let mut behind = false;
         let guard = mutates.then(|| {
-            let mut w = self
-                .routed_writes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (id, b) = self.routed().register(req.offset, req.length);
+            behind = b;
             RoutedWriteGuard {
                 writes: &self.routed_writes,
                 done: &self.routed_write_done,
-                id: w.register(req.offset, req.length),
+                id,
             }
         });
-        if let Some(g) = &guard {
+        if let Some(g) = guard.as_ref().filter(|_| behind) {
             self.wait_behind_in_doubt(g.id, deadline).await?;
         }
         // A lost outcome may be retried only without an overlapping write
         // in flight; the write is then in doubt until answered (see
         // RoutedWrites).
-        let may_retry = |guard: &Option<RoutedWriteGuard<'_>>| {
-            guard.as_ref().is_none_or(|g| {
-                let mut w = self
-                    .routed_writes
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let retry = !w.overlapped(g.id);
-                if retry {
-                    w.mark_in_doubt(g.id);
-                }
-                retry
-            })
-        };
+        let may_retry =
+            |guard: &Option<RoutedWriteGuard<'_>>| guard.as_ref().is_none_or(|g| self.routed().retry_after_loss(g.id));
         loop {
             let local = target == self.node_id && self.local.is_some();
             // Reads are served by the local replica whenever there is one:
@@ -477,6 +479,12 @@ impl Volume {
         }
     }
 
+    fn routed(&self) -> std::sync::MutexGuard<'_, RoutedWrites> {
+        self.routed_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Waits (until `deadline`) while an earlier overlapping write routed
     /// through this node is in doubt: see RoutedWrites.
     async fn wait_behind_in_doubt(&self, id: u64, deadline: Instant) -> Result<(), GroupError> {
@@ -486,12 +494,7 @@ impl Volume {
             // Registered before the check, so a guard dropped in between
             // still wakes us.
             done.as_mut().enable();
-            let behind = self
-                .routed_writes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .behind_in_doubt(id);
-            if !behind {
+            if !self.routed().behind_in_doubt(id) {
                 return Ok(());
             }
             if tokio::time::timeout_at(deadline.into(), done).await.is_err() {
@@ -833,28 +836,28 @@ mod tests {
     #[test]
     fn only_overlapping_routed_writes_lose_their_retry() {
         let mut w = RoutedWrites::default();
-        let a = w.register(0, 4096);
-        let b = w.register(8192, 4096);
+        let a = w.register(0, 4096).0;
+        let b = w.register(8192, 4096).0;
         assert!(!w.overlapped(a) && !w.overlapped(b), "disjoint writes may be retried");
-        let c = w.register(4095, 2);
+        let c = w.register(4095, 2).0;
         assert!(w.overlapped(a) && w.overlapped(c), "an overlap marks both writes");
         assert!(!w.overlapped(b));
         w.inflight.remove(&a);
         assert!(w.overlapped(a), "an unknown write is never retried");
         // A zero-length range (a flush-sized request) still occupies its offset.
-        let d = w.register(8192, 0);
+        let d = w.register(8192, 0).0;
         assert!(w.overlapped(d) && w.overlapped(b));
     }
 
     #[test]
     fn a_write_in_doubt_holds_back_overlapping_writes_until_answered() {
         let mut w = RoutedWrites::default();
-        let a = w.register(0, 4096);
+        let a = w.register(0, 4096).0;
         // Its outcome was lost with nothing overlapping: retried, in doubt.
         assert!(!w.overlapped(a));
-        w.mark_in_doubt(a);
-        let b = w.register(2048, 4096);
-        let c = w.register(8192, 4096);
+        w.retry_after_loss(a);
+        let b = w.register(2048, 4096).0;
+        let c = w.register(8192, 4096).0;
         assert!(w.behind_in_doubt(b), "an overlapping write waits for the retry");
         assert!(!w.behind_in_doubt(c), "a disjoint one does not");
         assert!(!w.behind_in_doubt(a));
@@ -865,7 +868,7 @@ mod tests {
         w.inflight.remove(&a);
         assert!(!w.behind_in_doubt(b), "answered: the waiting write goes");
         // Two writes in flight together: a lost outcome is not retried.
-        let d = w.register(2048, 1);
+        let d = w.register(2048, 1).0;
         assert!(w.overlapped(b) && w.overlapped(d));
     }
 
