@@ -52,10 +52,6 @@ pub struct EngineLogConfig {
     pub target_file_size: u64,
     /// Log size beyond which `purge` rewrites or drops old files.
     pub purge_threshold: u64,
-    /// Batches at least this large are lz4-compressed; 0 disables it. Off by
-    /// default: block data compresses poorly and the writer thread is on the
-    /// latency path of every write.
-    pub batch_compression_threshold: u64,
     /// Threads raft-engine uses to replay the log at startup.
     pub recovery_threads: usize,
     /// Verify every checksum of every file before opening (see `verify.rs`).
@@ -74,7 +70,6 @@ impl Default for EngineLogConfig {
         EngineLogConfig {
             target_file_size: 128 * 1024 * 1024,
             purge_threshold: 1024 * 1024 * 1024,
-            batch_compression_threshold: 0,
             recovery_threads: 2,
             verify_on_open: true,
             prefill_bytes: 0,
@@ -603,7 +598,10 @@ impl EngineLog {
             recovery_mode: RecoveryMode::TolerateTailCorruption,
             target_file_size: ReadableSize(config.target_file_size),
             purge_threshold: ReadableSize(config.purge_threshold.max(config.target_file_size)),
-            batch_compression_threshold: ReadableSize(config.batch_compression_threshold),
+            // Never compress: block data compresses poorly, the writer is on
+            // the latency path of every write, and verify.rs refuses any
+            // compressed batch (the type byte has no checksum).
+            batch_compression_threshold: ReadableSize(0),
             recovery_threads: config.recovery_threads.max(1),
             prefill_for_recycle: config.prefill_bytes > 0,
             prefill_limit: (config.prefill_bytes > 0).then_some(ReadableSize(config.prefill_bytes)),
