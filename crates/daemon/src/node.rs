@@ -170,8 +170,12 @@ impl Node {
                     prefill_bytes: config.log.prefill_bytes,
                     // Small files and an early purge keep recycled (already
                     // written) files coming: appends into new files cost about
-                    // twice the CPU per byte (benches/: engine_prefilled).
-                    target_file_size: 64 << 20,
+                    // twice the CPU per byte (benches/: engine_prefilled), and
+                    // each new one is zero-filled first. raft-engine keeps
+                    // 1.5 x purge_threshold of files for recycling (12 here)
+                    // and purges once more than 8 are in use: 4 files
+                    // (128 MiB) of headroom for the writer between purges.
+                    target_file_size: 32 << 20,
                     purge_threshold: 256 << 20,
                     ..EngineLogConfig::default()
                 },

@@ -653,7 +653,7 @@ impl EngineLog {
     /// New append files zero-filled before use since the open.
     #[cfg(test)]
     pub(crate) fn zero_filled_files(&self) -> u64 {
-        self.shared.stats.zero_filled_files.load(Ordering::Relaxed)
+        self.new_files()
     }
 
     #[cfg(test)]
@@ -746,6 +746,10 @@ impl RaftLogStore for EngineLog {
 
     fn sync_count(&self) -> u64 {
         self.shared.stats.syncs.load(Ordering::Relaxed)
+    }
+
+    fn new_files(&self) -> u64 {
+        self.shared.stats.zero_filled_files.load(Ordering::Relaxed)
     }
 
     fn purge(&self) -> Result<Vec<u64>, LogError> {

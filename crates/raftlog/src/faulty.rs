@@ -156,4 +156,8 @@ impl<L: RaftLogStore> RaftLogStore for FaultyLog<L> {
     fn purge(&self) -> Result<Vec<u64>, LogError> {
         self.inner.purge()
     }
+
+    fn new_files(&self) -> u64 {
+        self.inner.new_files()
+    }
 }

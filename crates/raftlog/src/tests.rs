@@ -968,6 +968,41 @@ fn new_append_files_are_written_through_before_use() {
     assert_eq!(plain.open().unwrap().zero_filled_files(), 0);
 }
 
+/// Purged promptly, a log under steady appends and compaction lives in its
+/// recycled files: no new file (and no zero-fill) after the first. Left
+/// unpurged, it must grow new ones, which the count shows.
+#[test]
+fn a_promptly_purged_log_creates_no_new_files() {
+    for purge in [true, false] {
+        let f = EngineFixture::with(recycled_files());
+        let s = f.open().unwrap();
+        let at_open = s.new_files();
+        // ~2 KiB entries: 200 of them span ~25 of the 16 KiB files.
+        for i in 1..=200u64 {
+            let mut e = entry(i, 1);
+            e.data = Bytes::from(format!("steady-{i:06}-").repeat(150));
+            s.write_batch(vec![GroupWrite {
+                group: 1,
+                entries: vec![e],
+                hard_state: Some(hard_state(1, 1, i)),
+                compact_to: (i > 3).then(|| i - 3),
+                ..Default::default()
+            }])
+            .unwrap();
+            if purge {
+                s.purge().unwrap();
+            }
+        }
+        let created = s.new_files() - at_open;
+        if purge {
+            assert_eq!(created, 0, "a purged log created {created} new files");
+        } else {
+            assert!(created > 0, "an unpurged log grew without new files");
+        }
+        assert_eq!(load(&s, 1).entries.len(), 4);
+    }
+}
+
 /// A crash after a new file was zero-filled but before raft-engine wrote
 /// its header leaves a last file of zeroes: a torn tail holding nothing
 /// acknowledged, so the open keeps everything before it.
