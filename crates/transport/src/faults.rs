@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
-use trireme_proto::v1::RaftBatch;
 
 use crate::TransportError;
 use crate::sender::random_u64;
@@ -312,17 +311,20 @@ impl NetFaults {
 /// The request stream of one Raft stream with the rules applied: takes
 /// batches from `inner` as soon as they come, drops, duplicates and delays
 /// them, and yields them in order once due.
-pub(crate) struct FaultyBatches<S> {
+pub(crate) struct FaultyBatches<S: Stream> {
     inner: S,
     inner_done: bool,
     faults: std::sync::Arc<NetFaults>,
     peer: u64,
-    pending: VecDeque<(Instant, RaftBatch)>,
+    pending: VecDeque<(Instant, S::Item)>,
     last_due: Option<Instant>,
     timer: Pin<Box<Sleep>>,
 }
 
-impl<S> FaultyBatches<S> {
+impl<S: Stream> FaultyBatches<S>
+where
+    S::Item: Clone,
+{
     pub(crate) fn new(inner: S, faults: std::sync::Arc<NetFaults>, peer: u64) -> FaultyBatches<S> {
         FaultyBatches {
             inner,
@@ -335,7 +337,7 @@ impl<S> FaultyBatches<S> {
         }
     }
 
-    fn admit(&mut self, batch: RaftBatch) {
+    fn admit(&mut self, batch: S::Item) {
         let Verdict::Send { copies, delay } = self.faults.on_batch(self.peer) else {
             return;
         };
@@ -353,10 +355,13 @@ impl<S> FaultyBatches<S> {
     }
 }
 
-impl<S: Stream<Item = RaftBatch> + Unpin> Stream for FaultyBatches<S> {
-    type Item = RaftBatch;
+impl<S: Stream + Unpin> Stream for FaultyBatches<S>
+where
+    S::Item: Clone + Unpin,
+{
+    type Item = S::Item;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RaftBatch>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let this = self.get_mut();
         // Take everything offered now, so a batch's delay runs from when the
         // sender handed it over, not from when the one ahead of it left.
@@ -391,7 +396,7 @@ mod tests {
     use tokio::sync::mpsc;
     use tokio_stream::StreamExt;
     use tokio_stream::wrappers::ReceiverStream;
-    use trireme_proto::v1::GroupMessage;
+    use trireme_proto::v1::{GroupMessage, RaftBatch};
 
     use super::*;
 

@@ -25,6 +25,7 @@
 //! daemon's internals. It moves opaque raft messages and protocol structs;
 //! what they mean is the caller's business.
 
+mod codec;
 mod config;
 mod error;
 #[cfg(feature = "faults")]

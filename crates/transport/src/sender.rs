@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::codec::{OutBatch, RaftStreamCodec};
 use protobuf::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
-use trireme_proto::v1::peer_service_client::PeerServiceClient;
-use trireme_proto::v1::{GroupMessage, RaftBatch};
 
 use crate::PeerStats;
 use crate::server::{ClientAuth, shutdown_requested};
@@ -40,8 +39,6 @@ pub(crate) enum DropReason {
     Unreachable,
     /// The encoded message exceeds the message bound.
     Oversized,
-    /// rust-protobuf could not encode it.
-    Encode,
     /// The transport is shut down.
     Closed,
 }
@@ -52,7 +49,6 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::Unreachable => "unreachable",
             DropReason::Oversized => "oversized",
-            DropReason::Encode => "encode",
             DropReason::Closed => "closed",
         }
     }
@@ -328,14 +324,24 @@ async fn stream(
 ) -> StreamEnd {
     // One batch in hand-off at a time: while HTTP/2 writes it, new messages
     // pile up in the peer's queue and form the next batch.
-    let (batch_tx, batch_rx) = mpsc::channel::<RaftBatch>(1);
-    let mut client = PeerServiceClient::new(channel)
+    let (batch_tx, batch_rx) = mpsc::channel::<OutBatch>(1);
+    let mut client = tonic::client::Grpc::new(channel)
         .max_encoding_message_size(ctx.grpc_limit)
         .max_decoding_message_size(ctx.grpc_limit);
     let requests = ReceiverStream::new(batch_rx);
     #[cfg(feature = "faults")]
     let requests = crate::faults::FaultyBatches::new(requests, ctx.faults.clone(), ctx.peer);
-    let call = client.raft(ctx.auth.request(requests));
+    let request = ctx.auth.request(requests);
+    // The generated client's `raft`, with the codec that encodes raft
+    // messages once (crate::codec).
+    let call = async move {
+        client
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("the peer channel is not ready: {e}")))?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/trireme.v1.PeerService/Raft");
+        client.client_streaming(request, path, RaftStreamCodec).await
+    };
     tokio::pin!(call);
     loop {
         if buf.is_empty() {
@@ -354,11 +360,8 @@ async fn stream(
         }
         let mut next = 0;
         while next < buf.len() {
-            let (batch, taken) = build_batch(ctx, &buf[next..]);
-            let Some((batch, count)) = batch else {
-                next += taken;
-                continue;
-            };
+            // The slot first: building a batch moves messages out of `buf`,
+            // and whatever is not handed over stays there for the next stream.
             let permit = tokio::select! {
                 biased;
                 () = shutdown_requested(&mut ctx.shutdown) => {
@@ -375,7 +378,12 @@ async fn stream(
                 buf.drain(..next);
                 return StreamEnd::Broken("the request stream was closed".into());
             };
+            let (batch, taken) = build_batch(ctx, &mut buf[next..]);
             next += taken;
+            if batch.len() == 0 {
+                continue;
+            }
+            let count = batch.len() as u64;
             tracing::trace!(node = ctx.node_id, peer = ctx.peer, messages = count, "raft batch sent");
             permit.send(batch);
             ctx.counters.batch_sent(count);
@@ -384,54 +392,39 @@ async fn stream(
     }
 }
 
-/// Encodes messages from the front of `pending` into one batch, up to
-/// [`BATCH_TARGET_BYTES`] (always at least one message). Returns the batch
-/// (None if every taken message was dropped) with its message count, and
-/// how many messages of `pending` were taken.
-fn build_batch(ctx: &SenderCtx, pending: &[Outgoing]) -> (Option<(RaftBatch, u64)>, usize) {
+/// Takes messages from the front of `pending` into one batch, up to
+/// [`BATCH_TARGET_BYTES`] encoded (always at least one message), moving
+/// them out. Returns the batch (empty if every taken message was dropped)
+/// and how many messages of `pending` were taken.
+fn build_batch(ctx: &SenderCtx, pending: &mut [Outgoing]) -> (OutBatch, usize) {
     let target = BATCH_TARGET_BYTES.min(ctx.max_message_bytes);
-    let mut batch = RaftBatch::default();
+    let mut batch = OutBatch::default();
     let mut bytes = 0;
     let mut taken = 0;
     for out in pending {
-        let encoded = match out.message.write_to_bytes() {
-            Ok(b) => b,
-            Err(e) => {
-                taken += 1;
-                ctx.counters.dropped(DropReason::Encode, 1);
-                warn!(
-                    peer = ctx.peer,
-                    group = out.group_id,
-                    "raft message does not encode, dropped: {e}"
-                );
-                continue;
-            }
-        };
-        if encoded.len() > ctx.max_message_bytes {
+        // Also caches the sizes `OutBatch::encode` writes with.
+        let size = out.message.compute_size() as usize;
+        if size > ctx.max_message_bytes {
             taken += 1;
             ctx.counters.dropped(DropReason::Oversized, 1);
             warn!(
                 peer = ctx.peer,
                 group = out.group_id,
-                bytes = encoded.len(),
+                bytes = size,
                 limit = ctx.max_message_bytes,
                 "raft message over the size limit, dropped"
             );
             continue;
         }
-        let cost = encoded.len() + PER_MESSAGE_OVERHEAD;
-        if !batch.messages.is_empty() && bytes + cost > target {
+        let cost = size + PER_MESSAGE_OVERHEAD;
+        if batch.len() > 0 && bytes + cost > target {
             break;
         }
         taken += 1;
         bytes += cost;
-        batch.messages.push(GroupMessage {
-            group_id: out.group_id,
-            message: encoded.into(),
-        });
+        batch.push(out.group_id, std::mem::take(&mut out.message), size);
     }
-    let count = batch.messages.len() as u64;
-    ((count > 0).then_some((batch, count)), taken)
+    (batch, taken)
 }
 
 fn describe_end(ended: Result<tonic::Response<trireme_proto::v1::RaftStreamEnd>, tonic::Status>) -> String {
