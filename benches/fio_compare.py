@@ -38,6 +38,11 @@ Then, with the cluster still up:
             leader, the follower is SIGCONTed, and its catch-up time gives MiB/s (log replay, or a
             snapshot install if the leader had compacted past it: reported as `path`).
 
+A disk probe (fio next to the images: 1M sequential writes from three jobs, O_DIRECT and
+buffered with fdatasync over written blocks, and buffered into sparse files) runs before the
+workloads and after the resync, because this disk's rate drifts and W4 on three replicas is bound
+by it.
+
 Results also go to bench-results/fio_compare.json (fio_compare-quick.json with --quick; --json to
 change), with raw fio figures per target, so runs can be compared. Missing fio, nbdkit or qemu-nbd
 are installed with apt-get. benches/idle_scale.py imports the process helpers from here.
@@ -392,6 +397,34 @@ def run_fio(uri, args, runtime_s, size, what, extra=()):
     return parse_fio(p.stdout, p.stderr, p.returncode, what)
 
 
+def disk_probe(directory, seconds):
+    """The disk's own write rate, next to the images: 1M sequential writes from three jobs (as
+    three replicas write). O_DIRECT at iodepth 8, and buffered with an fdatasync every 32 MiB (as
+    the log and the destage write), both over 256 MiB files they keep overwriting; and the
+    buffered kind again as first writes into sparse 2 GiB files (fallocate off), as an image's
+    first pass is. Run at the start and at the end: this shared disk drifts during a run, and W4
+    on three replicas is bound by it."""
+    path = os.path.join(directory, "disk-probe")
+    os.makedirs(path, exist_ok=True)
+    buffered = ["--ioengine=psync", "--fdatasync=32"]
+    out = {}
+    try:
+        for name, size, args in (("direct_mib_s", "256M", ["--direct=1", "--ioengine=io_uring", "--iodepth=8"]),
+                                 ("buffered_fdatasync_mib_s", "256M", buffered),
+                                 ("sparse_first_write_mib_s", "2G", [*buffered, "--fallocate=none"])):
+            p = subprocess.run(["fio", "--name=probe", f"--directory={path}", "--rw=write", "--bs=1M",
+                                f"--size={size}", "--numjobs=3", "--time_based", f"--runtime={seconds}",
+                                "--group_reporting", "--output-format=json", *args], capture_output=True,
+                               text=True, timeout=seconds + 120)
+            job = parse_fio(p.stdout, p.stderr, p.returncode, f"the disk probe ({name})")
+            out[name] = job["write"]["bw_bytes"] / MIB
+            for f in os.listdir(path):
+                os.remove(os.path.join(path, f))
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
 def side(d):
     return {
         "iops": d["iops"],
@@ -616,6 +649,13 @@ def print_report(doc):
             print(f"| {r['workload']} {r['description']} | {target} | {m['iops']:,.0f} | {m['mib_s']:,.1f} | "
                   f"{fmt_lat(m, 'mean_us')} | {fmt_lat(m, 'p99_us')} | {ratio} |")
     print("\nW5: IOPS and MiB/s are reads + writes; latency shows reads / writes.")
+    d = doc.get("disk_probe", {})
+    for when in ("start", "end"):
+        if when in d:
+            print(f"disk ({when} of the run): 1M sequential writes from 3 jobs: O_DIRECT "
+                  f"{d[when]['direct_mib_s']:,.0f} MiB/s; buffered with fdatasync every 32 MiB "
+                  f"{d[when]['buffered_fdatasync_mib_s']:,.0f} MiB/s over written blocks, "
+                  f"{d[when]['sparse_first_write_mib_s']:,.0f} MiB/s into a sparse file")
     f = doc.get("failover")
     if f:
         print(f"\nfailover: longest completion gap {f['pause_ms']} ms (fio clock {f['pause_from_ms']}-"
@@ -654,6 +694,7 @@ def main():
     runtime = 2 if a.quick else a.runtime_s
     failover_s = a.failover_s or (8 if a.quick else 20)
     resync_s = a.resync_s or (5 if a.quick else 30)
+    probe_s = 1 if a.quick else 3
     volume_size = "256MiB" if a.quick else "1GiB"
     volume_bytes = (256 if a.quick else 1024) * MIB
     size = "256m"
@@ -715,6 +756,8 @@ def main():
             "qemu-nbd": "qemu-nbd --cache=none --aio=io_uring -f raw",
         }
 
+        log("== disk probe (start)")
+        doc["disk_probe"] = {"start": disk_probe(base, probe_s)}
         doc["results"] = fio_table(targets, runtime, size)
         procs.stop(nk)
         procs.stop(qn)
@@ -722,6 +765,8 @@ def main():
         doc["resync"] = resync_phase(procs, info, pids, resync_s, size)
         if dev.poll() is not None:
             raise SystemExit(f"trireme dev up exited ({dev.returncode}) during the run")
+        log("== disk probe (end)")
+        doc["disk_probe"]["end"] = disk_probe(base, probe_s)
         doc["elapsed_s"] = time.monotonic() - started
         print_report(doc)
         write_json(a.json, doc)
