@@ -21,8 +21,7 @@ const QUEUE: usize = 8192;
 /// pool before the writer needs a new one (a new file is zero-filled first:
 /// a whole file of extra disk writes, and a stall of the writer). At
 /// 300 MiB/s of appends 100 ms is 30 MiB, well inside the pool's headroom
-/// (node.rs). Every 2 s, as before, let W4 (1M writes) create 4 to 5 new
-/// 64 MiB files per node in 10 s.
+/// (node.rs); every 2 s was too slow for 1M sequential writes.
 const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// A batch stops growing at this many bytes of entries.
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;

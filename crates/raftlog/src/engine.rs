@@ -650,12 +650,6 @@ impl EngineLog {
         })
     }
 
-    /// New append files zero-filled before use since the open.
-    #[cfg(test)]
-    pub(crate) fn zero_filled_files(&self) -> u64 {
-        self.new_files()
-    }
-
     #[cfg(test)]
     pub(crate) fn fail_syncs(&self, on: bool) {
         self.shared.stats.fail_syncs.store(on, Ordering::SeqCst);

@@ -950,7 +950,7 @@ fn recycled_files_survive_restarts() {
 fn new_append_files_are_written_through_before_use() {
     let f = EngineFixture::with(recycled_files());
     let s = f.open().unwrap();
-    assert!(s.zero_filled_files() >= 1, "the first append file is zero-filled");
+    assert!(s.new_files() >= 1, "the first append file is zero-filled");
     let first = log_files(&f.path()).pop().unwrap();
     let size = std::fs::metadata(&first).unwrap().len();
     assert!(
@@ -965,7 +965,7 @@ fn new_append_files_are_written_through_before_use() {
 
     // Without recycling nothing is zero-filled (raft-engine grows files).
     let plain = EngineFixture::new();
-    assert_eq!(plain.open().unwrap().zero_filled_files(), 0);
+    assert_eq!(plain.open().unwrap().new_files(), 0);
 }
 
 /// Purged promptly, a log under steady appends and compaction lives in its

@@ -68,6 +68,10 @@ impl OutBatch {
         self.messages.len()
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
     /// Bytes `encode` writes.
     pub(crate) fn encoded_len(&self) -> usize {
         self.messages

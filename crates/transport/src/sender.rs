@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::codec::{OutBatch, RaftStreamCodec};
 use protobuf::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::PeerStats;
+use crate::codec::{OutBatch, RaftStreamCodec};
 use crate::server::{ClientAuth, shutdown_requested};
 
 /// One queued Raft message.
@@ -380,7 +380,7 @@ async fn stream(
             };
             let (batch, taken) = build_batch(ctx, &mut buf[next..]);
             next += taken;
-            if batch.len() == 0 {
+            if batch.is_empty() {
                 continue;
             }
             let count = batch.len() as u64;
@@ -417,7 +417,7 @@ fn build_batch(ctx: &SenderCtx, pending: &mut [Outgoing]) -> (OutBatch, usize) {
             continue;
         }
         let cost = size + PER_MESSAGE_OVERHEAD;
-        if batch.len() > 0 && bytes + cost > target {
+        if !batch.is_empty() && bytes + cost > target {
             break;
         }
         taken += 1;
