@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 use trireme_raftlog::GroupWrite;
 use trireme_replica::raft::StateRole;
 use trireme_replica::raft::eraftpb::{Message, MessageType};
-use trireme_replica::{ApplyError, ExtentData, Output, ProposeError, Replica, Segment, VolumeOp, receipt_of};
+use trireme_replica::{ApplyError, ExtentData, Output, Proposal, ProposeError, Replica, Segment, VolumeOp, receipt_of};
 use trireme_storage::uring::UringStore;
 use trireme_storage::{BlockStore, ZeroMode};
 use trireme_transport::Transport;
@@ -31,6 +31,11 @@ const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
 const EVENT_QUEUE: usize = 4096;
 /// Writes parked while the cache is full, before more are refused.
 const MAX_PARKED_WRITES: usize = 1024;
+/// Writes that arrive together are proposed as one raft step of at most
+/// about this many data bytes: raft's append message size
+/// (`max_size_per_msg`), so each step goes to a follower as one message
+/// (a step over it would hold its tail back until the follower answers).
+const PROPOSE_BATCH_BYTES: usize = 1024 * 1024;
 /// Destage once this much is cached, or at the next destage interval.
 const DESTAGE_THRESHOLD_BYTES: u64 = 32 * 1024 * 1024;
 const DESTAGE_INTERVAL: Duration = Duration::from_millis(500);
@@ -277,6 +282,16 @@ impl GroupHandle {
     }
 }
 
+/// A write (or attach) from this node's NBD server or router, as queued
+/// for proposal or parked for room in the cache.
+struct WriteRequest {
+    epoch: u64,
+    op: VolumeOp,
+    fua: bool,
+    reply: Reply<u64>,
+    span: tracing::Span,
+}
+
 struct PendingWrite {
     /// None once acknowledged on quorum receipt.
     reply: Option<Reply<u64>>,
@@ -371,7 +386,11 @@ struct Driver {
     status: Arc<Mutex<GroupStatus>>,
     next_token: u64,
     writes: HashMap<u64, PendingWrite>,
-    parked: VecDeque<(u64, VolumeOp, bool, Reply<u64>, tracing::Span)>,
+    parked: VecDeque<WriteRequest>,
+    /// Writes taken from the queue in this turn of the loop, not yet
+    /// proposed (see [`Driver::propose_queued`]), and their data bytes.
+    proposing: Vec<WriteRequest>,
+    proposing_bytes: usize,
     reads: BTreeMap<u64, PendingRead>,
     destaging: bool,
     destaged_index: u64,
@@ -475,6 +494,8 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         next_token: first_token(setup_node_id),
         writes: HashMap::new(),
         parked: VecDeque::new(),
+        proposing: Vec::new(),
+        proposing_bytes: 0,
         reads: BTreeMap::new(),
         destaging: false,
         destaged_index: setup.destaged_index,
@@ -721,6 +742,11 @@ impl Driver {
 
     fn handle(&mut self, ev: GroupEvent) {
         self.note_activity(&ev);
+        if !matches!(ev, GroupEvent::Write { .. }) {
+            // Whatever comes next (a flush, a read, a peer's message) sees
+            // the writes that came before it already proposed.
+            self.propose_queued();
+        }
         match ev {
             GroupEvent::Raft(m) => {
                 let mut m = m;
@@ -786,7 +812,13 @@ impl Driver {
                 fua,
                 reply,
                 span,
-            } => self.propose(epoch, op, fua, reply, span),
+            } => self.propose(WriteRequest {
+                epoch,
+                op,
+                fua,
+                reply,
+                span,
+            }),
             GroupEvent::Flush { reply } => {
                 if !self.replica.is_leader() {
                     let _ = reply.send(Err(GroupError::NotLeader(self.replica.leader_id())));
@@ -878,49 +910,90 @@ impl Driver {
         }
     }
 
-    fn propose(&mut self, epoch: u64, op: VolumeOp, fua: bool, reply: Reply<u64>, span: tracing::Span) {
-        let token = self.token();
-        let attach = matches!(op, VolumeOp::Attach { .. });
-        match self.replica.propose(token, epoch, op.clone()) {
-            Ok(()) => {
-                let now = Instant::now();
-                let index = self.replica.last_index();
-                debug!(parent: &span, group = self.group_id, index, "proposed");
-                self.clock.record(index, now);
-                self.metrics.proposals.increment(1);
-                if attach {
-                    self.receipt.barrier = self.receipt.barrier.max(index);
+    /// Queues a write for the next raft step (group commit into one append
+    /// message per follower); a full batch is proposed at once.
+    fn propose(&mut self, write: WriteRequest) {
+        if let VolumeOp::Write { data, .. } = &write.op {
+            self.proposing_bytes += data.len();
+        }
+        self.proposing.push(write);
+        if self.proposing_bytes >= PROPOSE_BATCH_BYTES {
+            self.propose_queued();
+        }
+    }
+
+    /// Proposes the queued writes as one raft step.
+    fn propose_queued(&mut self) {
+        if self.proposing.is_empty() {
+            return;
+        }
+        let writes = std::mem::take(&mut self.proposing);
+        self.proposing_bytes = 0;
+        let proposals = writes
+            .iter()
+            .map(|w| Proposal {
+                token: self.token(),
+                epoch: w.epoch,
+                op: w.op.clone(),
+            })
+            .collect::<Vec<_>>();
+        let tokens: Vec<u64> = proposals.iter().map(|p| p.token).collect();
+        let results = self.replica.propose_batch(proposals);
+        let now = Instant::now();
+        for ((write, token), result) in writes.into_iter().zip(tokens).zip(results) {
+            let WriteRequest {
+                epoch,
+                op,
+                fua,
+                reply,
+                span,
+            } = write;
+            let attach = matches!(op, VolumeOp::Attach { .. });
+            match result {
+                Ok(index) => {
+                    debug!(parent: &span, group = self.group_id, index, "proposed");
+                    self.clock.record(index, now);
+                    self.metrics.proposals.increment(1);
+                    if attach {
+                        self.receipt.barrier = self.receipt.barrier.max(index);
+                    }
+                    self.writes.insert(
+                        token,
+                        PendingWrite {
+                            reply: Some(reply),
+                            proposed: now,
+                            span,
+                            index,
+                            early_epoch: (self.receipt.on && !fua && !attach).then_some(epoch),
+                        },
+                    );
                 }
-                self.writes.insert(
-                    token,
-                    PendingWrite {
-                        reply: Some(reply),
-                        proposed: now,
-                        span,
-                        index,
-                        early_epoch: (self.receipt.on && !fua && !attach).then_some(epoch),
-                    },
-                );
-            }
-            Err(ProposeError::NotLeader { leader_hint }) => {
-                let _ = reply.send(Err(GroupError::NotLeader(leader_hint)));
-            }
-            Err(ProposeError::StaleEpoch { epoch, current }) => {
-                let _ = reply.send(Err(GroupError::Fenced(format!(
-                    "writer epoch {epoch} is older than the volume's epoch {current}"
-                ))));
-            }
-            Err(ProposeError::CacheFull { .. }) => {
-                // Backpressure: park it until a destage frees room.
-                if self.parked.len() >= MAX_PARKED_WRITES {
-                    let _ = reply.send(Err(GroupError::Retry("write-back cache full".into())));
-                } else {
-                    self.parked.push_back((epoch, op, fua, reply, span));
-                    self.start_destage();
+                Err(ProposeError::NotLeader { leader_hint }) => {
+                    let _ = reply.send(Err(GroupError::NotLeader(leader_hint)));
                 }
-            }
-            Err(e @ ProposeError::Raft(_)) => {
-                let _ = reply.send(Err(GroupError::Retry(e.to_string())));
+                Err(ProposeError::StaleEpoch { epoch, current }) => {
+                    let _ = reply.send(Err(GroupError::Fenced(format!(
+                        "writer epoch {epoch} is older than the volume's epoch {current}"
+                    ))));
+                }
+                Err(ProposeError::CacheFull { .. }) => {
+                    // Backpressure: park it until a destage frees room.
+                    if self.parked.len() >= MAX_PARKED_WRITES {
+                        let _ = reply.send(Err(GroupError::Retry("write-back cache full".into())));
+                    } else {
+                        self.parked.push_back(WriteRequest {
+                            epoch,
+                            op,
+                            fua,
+                            reply,
+                            span,
+                        });
+                        self.start_destage();
+                    }
+                }
+                Err(e @ ProposeError::Raft(_)) => {
+                    let _ = reply.send(Err(GroupError::Retry(e.to_string())));
+                }
             }
         }
     }
@@ -1001,6 +1074,7 @@ impl Driver {
     }
 
     fn drain_ready(&mut self) {
+        self.propose_queued();
         if !self.unindexed.is_empty() {
             let reads = std::mem::take(&mut self.unindexed);
             self.ask_read_index(reads);
@@ -1204,7 +1278,7 @@ impl Driver {
                 self.clock.clear();
                 // Parked writes would wait for a destage that may never free
                 // room here; let the router find the new leader.
-                for (_, _, _, reply, _) in self.parked.drain(..) {
+                for WriteRequest { reply, .. } in self.parked.drain(..) {
                     let _ = reply.send(Err(GroupError::NotLeader(leader)));
                 }
             }
@@ -1526,8 +1600,8 @@ impl Driver {
         self.log_write(write);
         // Room again: retry parked writes in order.
         let parked: Vec<_> = self.parked.drain(..).collect();
-        for (epoch, op, fua, reply, span) in parked {
-            self.propose(epoch, op, fua, reply, span);
+        for write in parked {
+            self.propose(write);
         }
     }
 

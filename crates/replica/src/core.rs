@@ -50,6 +50,16 @@ impl ReplicaConfig {
     }
 }
 
+/// One operation to propose: see [`Replica::propose_batch`].
+#[derive(Debug, Clone)]
+pub struct Proposal {
+    /// Comes back in the operation's [`Completion`].
+    pub token: u64,
+    /// The writer epoch it was issued under.
+    pub epoch: u64,
+    pub op: VolumeOp,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     #[error("not the leader (leader hint: node {leader_hint})")]
@@ -290,6 +300,7 @@ fn raft_config(c: &ReplicaConfig, applied: u64) -> raft::Config {
         max_inflight_msgs: c.max_inflight_msgs,
         check_quorum: true,
         pre_vote: true,
+        skip_bcast_commit: true,
         ..Default::default()
     }
 }
@@ -631,47 +642,91 @@ impl Replica {
     /// Proposes an operation under writer `epoch`; `token` comes back in a
     /// [`Completion`] once it is applied (or fails).
     pub fn propose(&mut self, token: u64, epoch: u64, op: VolumeOp) -> Result<(), ProposeError> {
+        let mut results = self.propose_batch(vec![Proposal { token, epoch, op }]);
+        results
+            .pop()
+            .unwrap_or(Err(ProposeError::Raft("empty proposal batch".into())))
+            .map(|_| ())
+    }
+
+    /// Proposes several operations as one raft step, so that followers get
+    /// them in one append message (and answer it once) instead of one
+    /// message per operation. Each result, in order, is the log index an
+    /// operation was proposed at, or why it was refused; accepted ones take
+    /// consecutive indexes in the order given. A caller keeps each step's total near raft's
+    /// message size (1 MiB): raft sends a step's entries in one message of
+    /// at most that size, and holds the rest until the follower answers.
+    pub fn propose_batch(&mut self, batch: Vec<Proposal>) -> Vec<Result<u64, ProposeError>> {
         if !self.is_leader() {
-            return Err(ProposeError::NotLeader {
-                leader_hint: self.leader_id(),
+            let leader_hint = self.leader_id();
+            return batch
+                .iter()
+                .map(|_| Err(ProposeError::NotLeader { leader_hint }))
+                .collect();
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
+        let mut added_bytes = 0;
+        for Proposal { token, epoch, op } in batch {
+            if !matches!(op, VolumeOp::Attach { .. }) && epoch < self.state.epoch {
+                results.push(Err(ProposeError::StaleEpoch {
+                    epoch,
+                    current: self.state.epoch,
+                }));
+                continue;
+            }
+            let bytes = match &op {
+                VolumeOp::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            };
+            let pending_bytes = self.state.cache.bytes() + self.inflight_bytes + added_bytes;
+            if bytes > 0 && pending_bytes + bytes > self.max_cache_bytes {
+                results.push(Err(ProposeError::CacheFull {
+                    pending_bytes,
+                    max_bytes: self.max_cache_bytes,
+                }));
+                continue;
+            }
+            added_bytes += bytes;
+            let data = Bytes::from(EntryOp { epoch, op }.encode());
+            accepted.push((results.len(), token, bytes, (data.as_ptr() as usize, data.len())));
+            results.push(Ok(0));
+            entries.push(Entry {
+                data,
+                ..Entry::default()
             });
         }
-        if !matches!(op, VolumeOp::Attach { .. }) && epoch < self.state.epoch {
-            return Err(ProposeError::StaleEpoch {
-                epoch,
-                current: self.state.epoch,
-            });
+        if entries.is_empty() {
+            return results;
         }
-        let bytes = match &op {
-            VolumeOp::Write { data, .. } => data.len() as u64,
-            _ => 0,
-        };
-        let pending_bytes = self.state.cache.bytes() + self.inflight_bytes;
-        if bytes > 0 && pending_bytes + bytes > self.max_cache_bytes {
-            return Err(ProposeError::CacheFull {
-                pending_bytes,
-                max_bytes: self.max_cache_bytes,
-            });
-        }
-        let data = EntryOp { epoch, op }.encode();
-        let buffer = (data.as_ptr() as usize, data.len());
+        let count = entries.len() as u64;
         let before = self.last_index();
-        self.node
-            .propose(Vec::new(), data)
-            .map_err(|e| ProposeError::Raft(e.to_string()))?;
-        let index = self.last_index();
+        // What RawNode::propose builds, with every entry in one message.
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgPropose);
+        msg.from = self.id;
+        msg.set_entries(entries.into());
+        if let Err(e) = self.node.step(msg) {
+            let e = ProposeError::Raft(e.to_string());
+            for (at, ..) in accepted {
+                results[at] = Err(e.clone());
+            }
+            return results;
+        }
         // A leader appends a proposal to its own log at once.
-        assert_eq!(index, before + 1, "proposal did not land at the next log index");
-        self.pending.insert(
-            (index, self.term()),
-            Pending {
-                token,
-                bytes,
-                data: buffer,
-            },
+        assert_eq!(
+            self.last_index(),
+            before + count,
+            "proposals did not land at the next log indexes"
         );
-        self.inflight_bytes += bytes;
-        Ok(())
+        let term = self.term();
+        for (index, (at, token, bytes, data)) in (before + 1..).zip(accepted) {
+            results[at] = Ok(index);
+            self.pending.insert((index, term), Pending { token, bytes, data });
+            self.inflight_bytes += bytes;
+        }
+        results
     }
 
     /// Asks the leader to confirm it still leads (ReadIndex); the answer
@@ -1178,6 +1233,8 @@ mod tests {
             assert!(matches!(c.outcomes(w)[..], [Ok(_)]), "write {w}: {:?}", c.outcomes(w));
         }
         assert_eq!(c.r(1).entries_trusted(), 2);
+        // The followers learn the commit with the leader's next message.
+        c.heartbeat(1);
         for id in [2, 3] {
             assert_eq!(c.r(id).applied_index(), c.r(1).applied_index());
             assert_eq!(c.r(id).entries_trusted(), 0, "node {id} trusted a peer's entry");
@@ -1188,6 +1245,84 @@ mod tests {
         c.pump();
         assert!(matches!(c.outcomes(w)[..], [Ok(_)]));
         assert_eq!(c.r(2).entries_trusted(), 1, "only its own proposal");
+    }
+
+    /// Writes proposed together reach each follower in one append message,
+    /// at consecutive indexes in the order given, and a refused one (here a
+    /// stale writer epoch) neither blocks nor reorders the others. A commit
+    /// is not broadcast on its own: followers learn it with the leader's
+    /// next message, at the latest its next heartbeat.
+    #[test]
+    fn writes_proposed_together_go_to_each_follower_in_one_message() {
+        let mut c = Cluster::new(3);
+        c.elect(1);
+        c.propose(1, VolumeOp::Attach { node_id: 1 });
+        c.pump();
+        let epoch = c.r(1).state().epoch;
+        assert!(epoch > 0);
+        let write = |token, epoch, offset: u64| Proposal {
+            token,
+            epoch,
+            op: VolumeOp::Write {
+                offset,
+                data: Bytes::from(vec![token as u8; 512]),
+            },
+        };
+        let before = c.r(1).last_index();
+        let results = c.r(1).propose_batch(vec![
+            write(101, epoch, 0),
+            write(102, epoch - 1, 512),
+            write(103, epoch, 1024),
+            write(104, epoch, 0),
+        ]);
+        assert_eq!(
+            results,
+            vec![
+                Ok(before + 1),
+                Err(ProposeError::StaleEpoch {
+                    epoch: epoch - 1,
+                    current: epoch
+                }),
+                Ok(before + 2),
+                Ok(before + 3),
+            ]
+        );
+        while let Some(out) = c.r(1).poll() {
+            c.handle(1, out);
+        }
+        for to in [2, 3] {
+            let appends: Vec<Vec<u64>> = c
+                .net
+                .iter()
+                .filter(|m| m.to == to && m.get_msg_type() == MessageType::MsgAppend)
+                .map(|m| m.entries.iter().map(|e| e.index).collect())
+                .collect();
+            assert_eq!(appends, vec![vec![before + 1, before + 2, before + 3]], "to node {to}");
+        }
+        c.pump();
+        assert_eq!(c.outcomes(101), vec![Ok(before + 1)]);
+        assert_eq!(c.outcomes(103), vec![Ok(before + 2)]);
+        assert_eq!(c.outcomes(104), vec![Ok(before + 3)]);
+        assert!(c.outcomes(102).is_empty(), "a refused write has no outcome");
+        // The later write to offset 0 wins.
+        assert_eq!(
+            c.r(1).read(0, 512),
+            vec![Segment::Cached {
+                offset: 0,
+                data: Bytes::from(vec![104u8; 512])
+            }]
+        );
+        for id in [2, 3] {
+            assert!(
+                c.r(id).commit_index() < before + 3,
+                "node {id}: commit broadcast on its own"
+            );
+        }
+        c.heartbeat(1);
+        for id in [2, 3] {
+            assert_eq!(c.r(id).applied_index(), before + 3, "node {id}");
+            assert_eq!(c.r(id).read(0, 1536), c.r(1).read(0, 1536));
+        }
     }
 
     /// Seeds 4 and 20 of the simulation: a deposed leader's write commits
@@ -1234,6 +1369,7 @@ mod tests {
         // And it never completes again as the log moves on.
         c.write(2, 0);
         c.pump();
+        c.heartbeat(2);
         assert_eq!(c.outcomes(lost), vec![Err(ApplyError::Unknown)]);
         assert_eq!(c.r(1).applied_index(), c.r(2).applied_index());
     }

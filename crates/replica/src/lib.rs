@@ -16,7 +16,7 @@ pub mod core;
 pub mod op;
 
 pub use crate::core::{
-    ApplyError, Completion, MAX_ATTACH_HISTORY, Output, PersistTask, ProposeError, Replica, ReplicaConfig,
+    ApplyError, Completion, MAX_ATTACH_HISTORY, Output, PersistTask, Proposal, ProposeError, Replica, ReplicaConfig,
     SnapshotInstall, VolumeState, decode_snapshot_epoch, encode_snapshot_epoch, receipt_of,
 };
 pub use cache::{ExtentData, Segment, WriteCache};
