@@ -542,6 +542,13 @@ impl Driver {
                 // leader may have a follower to catch up.
                 _ = node_changes.changed() => self.on_node_change(),
             }
+            if !self.proposing.is_empty() {
+                // A write woke this task, and the NBD connection that sent it
+                // has usually parsed more: let those tasks queue theirs
+                // first, so they go out in this step and this Ready (under
+                // 4k QD32, 2 Readies per log write instead of 7).
+                tokio::task::yield_now().await;
+            }
             // Take whatever else is queued before polling, so one Ready
             // (one log write) covers a burst of proposals: group commit.
             for _ in 0..256 {
