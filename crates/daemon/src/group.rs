@@ -936,15 +936,16 @@ impl Driver {
         }
         let writes = std::mem::take(&mut self.proposing);
         self.proposing_bytes = 0;
+        let tokens: Vec<u64> = writes.iter().map(|_| self.token()).collect();
         let proposals = writes
             .iter()
-            .map(|w| Proposal {
-                token: self.token(),
+            .zip(&tokens)
+            .map(|(w, &token)| Proposal {
+                token,
                 epoch: w.epoch,
                 op: w.op.clone(),
             })
-            .collect::<Vec<_>>();
-        let tokens: Vec<u64> = proposals.iter().map(|p| p.token).collect();
+            .collect();
         let results = self.replica.propose_batch(proposals);
         let now = Instant::now();
         for ((write, token), result) in writes.into_iter().zip(tokens).zip(results) {
