@@ -930,6 +930,25 @@ impl Cluster {
         self.restart_node_id(id)
     }
 
+    /// Adds TOML (a whole table, say `[log]` and its keys) to node `id`'s
+    /// config file, for its next restart. `dev up` writes no `[log]` table.
+    pub fn append_node_config(&self, id: u64, toml: &str) -> Result<()> {
+        let node = self.node_by_id(id)?;
+        let path = node
+            .argv
+            .iter()
+            .skip_while(|a| *a != "--config")
+            .nth(1)
+            .ok_or_else(|| anyhow!("node {id}'s argv names no --config: {:?}", node.argv))?;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        std::io::Write::write_all(&mut f, format!("\n{toml}\n").as_bytes())
+            .with_context(|| format!("appending to {path}"))?;
+        Ok(())
+    }
+
     /// Restarts node `id` from its `argv` as a test-owned child and waits
     /// until its NBD port completes a handshake for the volume.
     pub fn restart_node_id(&mut self, id: u64) -> Result<()> {
@@ -1936,6 +1955,23 @@ pub fn parse_metrics(text: &str) -> Result<Vec<Sample>> {
         out.push(Sample { name, labels, value });
     }
     Ok(out)
+}
+
+/// The one volume's directory under a node's data dir
+/// (`DATA_DIR/volumes/ID`), skipping hidden staging dirs.
+pub fn volume_dir(data_dir: &Path) -> Result<PathBuf> {
+    let vols = data_dir.join("volumes");
+    let dirs: Vec<PathBuf> = fs::read_dir(&vols)
+        .with_context(|| format!("listing {}", vols.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    ensure!(
+        dirs.len() == 1,
+        "expected one volume under {}: {dirs:?}",
+        vols.display()
+    );
+    Ok(dirs.into_iter().next().unwrap_or_default())
 }
 
 /// Sum of the samples named `name` whose labels include all of `labels`.

@@ -25,13 +25,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use trireme_tests::{ChildGuard, Cluster, Sig, nbd, qemu_io_ok, serial_lock, strip_ansi, tail, wait_until};
+use trireme_tests::{ChildGuard, Cluster, Sig, nbd, qemu_io_ok, serial_lock, strip_ansi, tail, volume_dir, wait_until};
 
 /// A debug triremed verifies its log and loads its catalog in well under
 /// this, even on a loaded 2-core machine.
 const REFUSE_WITHIN: Duration = Duration::from_secs(60);
-/// volume.state is written at each destage (every 500 ms with data cached).
-const DESTAGE_WITHIN: Duration = Duration::from_secs(30);
+/// volume.state is written at each checkpoint (every second with the
+/// config `single_node_with_data` gives the node).
+const CHECKPOINT_WITHIN: Duration = Duration::from_secs(30);
 /// raft-engine 0.4's v2 file header: magic (53), version (8), alignment (8).
 const LOG_FILE_HEADER: u64 = 69;
 
@@ -82,22 +83,6 @@ fn log_files(data_dir: &Path) -> Result<Vec<PathBuf>> {
     v.sort();
     ensure!(!v.is_empty(), "no log files in {}", dir.display());
     Ok(v)
-}
-
-/// The one volume's directory (vol0).
-fn volume_dir(data_dir: &Path) -> Result<PathBuf> {
-    let vols = data_dir.join("volumes");
-    let dirs: Vec<PathBuf> = fs::read_dir(&vols)
-        .with_context(|| format!("listing {}", vols.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-        .collect();
-    ensure!(
-        dirs.len() == 1,
-        "expected one volume under {}: {dirs:?}",
-        vols.display()
-    );
-    Ok(dirs.into_iter().next().unwrap_or_default())
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -258,12 +243,20 @@ fn expect_refusal(cluster: &Cluster, id: u64, label: &str, must_name: &[String])
 }
 
 /// A one-node cluster holding A and B, with volume.state written, SIGKILLed.
+/// It is restarted once on the way, to checkpoint every second rather than
+/// every 30 s (volume.state is written at checkpoints); the restart replays
+/// A and B from the log.
 fn single_node_with_data(name: &str) -> Result<Cluster> {
     let mut cluster = Cluster::start(name)?;
     write_known(cluster.nbd_uri())?;
+    cluster.kill_node()?;
+    cluster.append_node_config(1, "[log]\ncheckpoint_interval_ms = 1000")?;
+    cluster.restart_node()?;
     let dir = data_dir(&cluster, 1)?;
     let state = volume_dir(&dir)?.join("volume.state");
-    wait_until(DESTAGE_WITHIN, "volume.state to be written", || Ok(state.exists())).with_context(|| cluster.diag())?;
+    wait_until(CHECKPOINT_WITHIN, "volume.state to be written", || Ok(state.exists()))
+        .with_context(|| cluster.diag())?;
+    read_known(cluster.nbd_uri())?;
     cluster.kill_node()?;
     Ok(cluster)
 }
@@ -430,7 +423,8 @@ fn torn_tail_of_the_last_log_file_is_accepted() -> Result<()> {
     drop(f);
     cluster.restart_node()?;
     read_known(cluster.nbd_uri())?;
-    let log = cluster.scratch().join("restart-1-node-1.stderr");
+    // Restart 1 was single_node_with_data's.
+    let log = cluster.scratch().join("restart-2-node-1.stderr");
     let text = strip_ansi(&fs::read_to_string(&log)?);
     let line = text
         .lines()

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use trireme_tests::{
     ChildGuard, Cluster, PYTHON, Sig, VolumeInfo, count_lines, describe, metric_sum, nbd, nbd_sha256, pattern,
     qemu_io_ok, qemu_io_ok_opts, run_fio_checked, run_with_timeout, scripts_dir, seed, serial_lock, tail, verify_acked,
-    wait_for_acks, wait_until,
+    volume_dir, wait_for_acks, wait_until,
 };
 
 /// Every test here takes this lock first (see the module comment).
@@ -619,25 +619,6 @@ fn write_patterns(uri: &str, offsets_mib: &[u64], pat: u8) -> Result<()> {
         .collect();
     qemu_io_ok(uri, &cmds)?;
     Ok(())
-}
-
-/// The volume directory of a node: DATA_DIR/volumes/<id>/ (exactly one).
-fn volume_dir(data_dir: &Path) -> Result<PathBuf> {
-    let vols = data_dir.join("volumes");
-    let mut dirs = Vec::new();
-    for e in fs::read_dir(&vols).with_context(|| format!("reading {}", vols.display()))? {
-        let e = e?;
-        let name = e.file_name();
-        if e.file_type()?.is_dir() && !name.to_string_lossy().starts_with('.') {
-            dirs.push(e.path());
-        }
-    }
-    ensure!(
-        dirs.len() == 1,
-        "expected one volume dir in {}: {dirs:?}",
-        vols.display()
-    );
-    Ok(dirs.remove(0))
 }
 
 #[test]

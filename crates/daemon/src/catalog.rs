@@ -238,10 +238,12 @@ pub struct NodeServices {
     pub liveness: Arc<Liveness>,
     /// Every cluster node and its peer address.
     pub nodes: BTreeMap<u64, SocketAddr>,
+    pub checkpoints: group::Checkpoints,
 }
 
 pub struct Catalog {
     node_id: u64,
+    checkpoints: group::Checkpoints,
     liveness: Arc<Liveness>,
     volumes_dir: PathBuf,
     engine: IoEngine,
@@ -267,6 +269,7 @@ impl Catalog {
             transport,
             liveness,
             nodes,
+            checkpoints,
         } = services;
         let volumes_dir = data_dir.join("volumes");
         fs::create_dir_all(&volumes_dir).map_err(|e| DaemonError::io(volumes_dir.display().to_string(), e))?;
@@ -279,6 +282,7 @@ impl Catalog {
             log_writer,
             transport,
             nodes,
+            checkpoints,
             volumes: RwLock::new(BTreeMap::new()),
             groups: RwLock::new(HashMap::new()),
             admin_lock: tokio::sync::Mutex::new(()),
@@ -498,6 +502,7 @@ impl Catalog {
             liveness: self.liveness.clone(),
             replica_count: u64::from(meta.replica_count),
             receipt_mode: meta.durability == Durability::QuorumReceipt,
+            checkpoints: self.checkpoints,
         });
         self.groups
             .write()

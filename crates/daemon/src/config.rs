@@ -68,12 +68,23 @@ pub struct LogConfig {
     /// once purged).
     #[serde(default = "default_log_prefill_bytes")]
     pub prefill_bytes: u64,
+    /// Longest time between a volume's checkpoints: its image made durable
+    /// and its log compacted (README: "Checkpoints"). Between them the log
+    /// holds the writes and a restart replays them.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// Bytes of log a volume writes before its next checkpoint is due: the
+    /// most a restart replays for it, and its share of the log on disk.
+    #[serde(default = "default_checkpoint_bytes")]
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> LogConfig {
         LogConfig {
             prefill_bytes: default_log_prefill_bytes(),
+            checkpoint_interval_ms: default_checkpoint_interval_ms(),
+            checkpoint_bytes: default_checkpoint_bytes(),
         }
     }
 }
@@ -81,6 +92,20 @@ impl Default for LogConfig {
 fn default_log_prefill_bytes() -> u64 {
     256 * 1024 * 1024
 }
+fn default_checkpoint_interval_ms() -> u64 {
+    30_000
+}
+/// Below the log's purge threshold (256 MiB, node.rs), so one busy volume
+/// checkpoints on its own bound before the purge asks it to.
+fn default_checkpoint_bytes() -> u64 {
+    192 * 1024 * 1024
+}
+/// Accepted `log.checkpoint_interval_ms`: one destage round at the least, an
+/// hour at the most.
+pub const CHECKPOINT_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 500..=3_600_000;
+/// Accepted `log.checkpoint_bytes`: 1 MiB to 4 GiB (a restart holds what it
+/// replays in memory).
+pub const CHECKPOINT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(4 << 30);
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +352,22 @@ impl Config {
         if self.nbd.handshake_timeout_ms == 0 {
             return Err("nbd.handshake_timeout_ms must be positive".into());
         }
+        if !CHECKPOINT_INTERVAL_MS_RANGE.contains(&self.log.checkpoint_interval_ms) {
+            return Err(format!(
+                "log.checkpoint_interval_ms {} must be {}-{}",
+                self.log.checkpoint_interval_ms,
+                CHECKPOINT_INTERVAL_MS_RANGE.start(),
+                CHECKPOINT_INTERVAL_MS_RANGE.end()
+            ));
+        }
+        if !CHECKPOINT_BYTES_RANGE.contains(&self.log.checkpoint_bytes) {
+            return Err(format!(
+                "log.checkpoint_bytes {} must be {}-{}",
+                self.log.checkpoint_bytes,
+                CHECKPOINT_BYTES_RANGE.start(),
+                CHECKPOINT_BYTES_RANGE.end()
+            ));
+        }
         parse_addr("cluster.peer_listen", &self.cluster.peer_listen)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, n) in self.cluster.nodes.iter().enumerate() {
@@ -440,6 +481,14 @@ mod tests {
             ("node_id = 1\ndata_dir = \"/x\"\ncluster_id = \"a b\"\n", "cluster_id"),
             ("node_id = [\n", "TOML"),
             (
+                "node_id = 1\ndata_dir = \"/x\"\n[log]\ncheckpoint_interval_ms = 0\n",
+                "log.checkpoint_interval_ms",
+            ),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[log]\ncheckpoint_bytes = 1024\n",
+                "log.checkpoint_bytes",
+            ),
+            (
                 "node_id = 1\ndata_dir = \"/x\"\n[cluster]\nsecret = \"0123456789abcdef\"\n[[cluster.nodes]]\nid = 2\npeer = \"127.0.0.1:1\"\n",
                 "does not list this node",
             ),
@@ -460,6 +509,8 @@ mod tests {
         let c = Config::load(Some(&p), &Overrides::default()).expect("deploy/triremed.toml must stay valid");
         assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:7300"));
         assert_eq!(c.log.prefill_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.log.checkpoint_interval_ms, 30_000);
+        assert_eq!(c.log.checkpoint_bytes, 192 * 1024 * 1024);
     }
 
     #[test]

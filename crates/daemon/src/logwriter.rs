@@ -47,25 +47,33 @@ pub struct LogWriter {
 impl LogWriter {
     pub fn start(store: Arc<dyn RaftLogStore>, transport: Transport) -> std::io::Result<LogWriter> {
         let (tx, rx) = std_mpsc::sync_channel::<LogJob>(QUEUE);
-        let purge_store = store.clone();
         std::thread::Builder::new()
             .name("trireme-log".into())
             .spawn(move || run(store, transport, rx))?;
-        // Reclaiming compacted log files is slow file work; keep it off the
-        // writer's path (raft-engine never purges unless asked).
+        Ok(LogWriter { tx })
+    }
+
+    /// Starts the thread that reclaims compacted log files: slow file work,
+    /// kept off the writer's path (raft-engine never purges unless asked).
+    /// Past its threshold a purge names the groups whose entries hold the
+    /// oldest files; `checkpoint` asks each to checkpoint, which compacts
+    /// them. Unanswered, raft-engine would copy those entries forward into
+    /// new files itself after a few rounds: a rewrite of live log data.
+    pub fn start_purge(store: Arc<dyn RaftLogStore>, checkpoint: impl Fn(u64) + Send + 'static) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("trireme-log-purge".into())
             .spawn(move || {
                 let new_files = metrics::counter!("trireme_log_new_files_total");
                 loop {
                     std::thread::sleep(PURGE_POLL);
-                    if let Err(e) = purge_store.purge() {
-                        tracing::warn!("raft log purge failed: {e}");
+                    match store.purge() {
+                        Ok(groups) => groups.into_iter().for_each(&checkpoint),
+                        Err(e) => tracing::warn!("raft log purge failed: {e}"),
                     }
-                    new_files.absolute(purge_store.new_files());
+                    new_files.absolute(store.new_files());
                 }
             })?;
-        Ok(LogWriter { tx })
+        Ok(())
     }
 
     /// Queues a job. Called from group tasks; the queue is deep, and when it

@@ -212,14 +212,25 @@ impl Node {
             &data_dir,
             NodeServices {
                 engine,
-                log,
+                log: log.clone(),
                 log_writer,
                 transport: transport.clone(),
                 liveness: liveness.clone(),
                 nodes: nodes.clone(),
+                checkpoints: crate::group::Checkpoints {
+                    interval: std::time::Duration::from_millis(config.log.checkpoint_interval_ms),
+                    log_bytes: config.log.checkpoint_bytes,
+                },
             },
         )?);
         let _ = peer_api.catalog.set(catalog.clone());
+        let purge_catalog = catalog.clone();
+        LogWriter::start_purge(log.clone(), move |group| {
+            if let Some(g) = purge_catalog.group(group) {
+                g.request_checkpoint();
+            }
+        })
+        .map_err(|e| DaemonError::io("starting the log purge thread", e))?;
         tokio::spawn(peer::route_inbound(
             catalog.clone(),
             transport.clone(),

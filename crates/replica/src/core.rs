@@ -1003,8 +1003,9 @@ impl Replica {
         }
     }
 
-    /// The image now durably holds everything up to `index`: forget those
-    /// cache extents (and, later, compact the log up to here).
+    /// The image file now holds everything up to `index` (durably only once
+    /// a checkpoint syncs it; until then the log holds it too): forget
+    /// those cache extents.
     pub fn on_destaged(&mut self, index: u64) {
         self.state.cache.mark_destaged(index.min(self.state.applied_index));
     }
