@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use trireme_tests::{
-    ChildGuard, Cluster, PYTHON, count_lines, qemu_io_ok, scripts_dir, tail, verify_acked, volume_dir, wait_until,
+    ChildGuard, Cluster, PYTHON, count_lines, metric_max, metric_sum, qemu_io_ok, scripts_dir, tail, verify_acked,
+    volume_dir, wait_until,
 };
 
 const MIN_ACKED: usize = 2000;
@@ -140,5 +141,13 @@ fn a_checkpoint_follows_the_log_bytes_bound() -> Result<()> {
         Ok(state.exists())
     })
     .with_context(|| cluster.diag())?;
+    // The metrics count it, and the log since it is what a restart replays.
+    wait_until(Duration::from_secs(10), "trireme_checkpoints_total to count it", || {
+        let samples = cluster.metrics_of(1)?;
+        Ok(
+            metric_sum(&samples, "trireme_checkpoints_total", &[("volume", "vol0")]) >= 1.0
+                && metric_max(&samples, "trireme_checkpoint_lag_bytes", &[("volume", "vol0")]).is_some(),
+        )
+    })?;
     Ok(())
 }

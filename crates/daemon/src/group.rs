@@ -1692,6 +1692,7 @@ impl Driver {
         // checkpoints, since a restart replays it from the last one.
         let compact_to = self.replica.compact(compact_to);
         if checkpoint {
+            self.metrics.checkpoints.increment(1);
             self.destaged_index = index;
             let write = GroupWrite {
                 group: self.group_id,
@@ -1821,7 +1822,9 @@ impl Driver {
             replicas: self.replica_count,
             cache_dirty_bytes: s.cache_bytes,
             cache_limit_bytes: self.replica.max_cache_bytes(),
-            destage_lag_entries: s.applied_index.saturating_sub(self.destaged_index),
+            destage_lag_entries: s.applied_index.saturating_sub(self.written_index),
+            checkpoint_lag_entries: s.applied_index.saturating_sub(self.destaged_index),
+            checkpoint_lag_bytes: self.logged_bytes - self.checkpoint_logged_bytes,
             hibernating: self.hibernating,
             followers: &followers,
         };

@@ -77,6 +77,9 @@ pub struct GroupMetrics {
     cache_dirty: Gauge,
     cache_limit: Gauge,
     destage_lag: Gauge,
+    checkpoint_lag_entries: Gauge,
+    checkpoint_lag_bytes: Gauge,
+    pub checkpoints: Counter,
     hibernating: Gauge,
     followers: HashMap<u64, FollowerGauges>,
 }
@@ -93,7 +96,12 @@ pub struct GroupSample<'a> {
     pub replicas: u64,
     pub cache_dirty_bytes: u64,
     pub cache_limit_bytes: u64,
+    /// Applied entries not yet written into the image file.
     pub destage_lag_entries: u64,
+    /// Applied entries, and bytes of log, since the last checkpoint: what a
+    /// restart would replay.
+    pub checkpoint_lag_entries: u64,
+    pub checkpoint_lag_bytes: u64,
     pub hibernating: bool,
     /// (node, lag entries, lag bytes, lag seconds, state), leader only.
     pub followers: &'a [FollowerSample],
@@ -136,6 +144,9 @@ impl GroupMetrics {
             cache_dirty: g("trireme_cache_dirty_bytes"),
             cache_limit: g("trireme_cache_limit_bytes"),
             destage_lag: g("trireme_destage_lag_entries"),
+            checkpoint_lag_entries: g("trireme_checkpoint_lag_entries"),
+            checkpoint_lag_bytes: g("trireme_checkpoint_lag_bytes"),
+            checkpoints: c("trireme_checkpoints_total"),
             hibernating: g("trireme_raft_hibernating"),
             followers: HashMap::new(),
             volume: v,
@@ -155,6 +166,8 @@ impl GroupMetrics {
         self.cache_dirty.set(s.cache_dirty_bytes as f64);
         self.cache_limit.set(s.cache_limit_bytes as f64);
         self.destage_lag.set(s.destage_lag_entries as f64);
+        self.checkpoint_lag_entries.set(s.checkpoint_lag_entries as f64);
+        self.checkpoint_lag_bytes.set(s.checkpoint_lag_bytes as f64);
         self.hibernating.set(if s.hibernating { 1.0 } else { 0.0 });
         if s.is_leader {
             self.rpo_exposure.set(s.rpo_exposure_s);
