@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use trireme_tests::{
-    ChildGuard, Cluster, PYTHON, count_lines, metric_max, metric_sum, qemu_io_ok, scripts_dir, tail, verify_acked,
+    ChildGuard, Cluster, PYTHON, Sig, count_lines, metric_max, metric_sum, qemu_io_ok, scripts_dir, tail, verify_acked,
     volume_dir, wait_until,
 };
 
@@ -149,5 +149,27 @@ fn a_checkpoint_follows_the_log_bytes_bound() -> Result<()> {
                 && metric_max(&samples, "trireme_checkpoint_lag_bytes", &[("volume", "vol0")]).is_some(),
         )
     })?;
+    Ok(())
+}
+
+/// A clean stop (SIGTERM) checkpoints every volume first, so a restart has
+/// no log to replay: with an hour's interval and no byte bound reached,
+/// volume.state appears only at the stop, and the data reads back after.
+#[test]
+fn a_clean_stop_checkpoints_first() -> Result<()> {
+    let mut cluster = Cluster::start("checkpoint-at-stop")?;
+    cluster.kill_node()?;
+    cluster.append_node_config(1, "[log]\ncheckpoint_interval_ms = 3600000")?;
+    cluster.restart_node()?;
+    let state = volume_dir(&cluster.node_by_id(1)?.data_dir)?.join("volume.state");
+    qemu_io_ok(cluster.nbd_uri(), &["write -P 0x4d 0 2M", "flush"])?;
+    ensure!(!state.exists(), "{} exists before the stop", state.display());
+    let node = cluster.restarted_node().context("the restarted node's guard")?;
+    node.signal(Sig::SIGTERM)?;
+    let status = node.wait_exit(Duration::from_secs(60))?;
+    ensure!(status.success(), "clean stop failed: {status}");
+    ensure!(state.exists(), "{} missing after a clean stop", state.display());
+    cluster.restart_node()?;
+    qemu_io_ok(cluster.nbd_uri(), &["read -P 0x4d 0 2M"])?;
     Ok(())
 }

@@ -775,11 +775,28 @@ impl Catalog {
         Ok(volume)
     }
 
-    /// Stops every local replica's driver; used at shutdown, after the NBD
-    /// sessions have finished.
+    /// Stops every local replica's driver after a last checkpoint each (so
+    /// a restart has no log to replay); used at shutdown, after the NBD
+    /// sessions have finished. Waits for them all, a bounded time.
     pub async fn stop_all(&self) {
+        let mut stopped = Vec::new();
         for g in self.all_groups() {
-            let _ = g.send(GroupEvent::Stop).await;
+            let (done, rx) = tokio::sync::oneshot::channel();
+            if g.send(GroupEvent::Shutdown(done)).await.is_ok() {
+                stopped.push(rx);
+            }
+        }
+        // They checkpoint at once, each on its own task; this only waits.
+        let all = async {
+            for rx in stopped {
+                let _ = rx.await;
+            }
+        };
+        if tokio::time::timeout(group::SHUTDOWN_CHECKPOINT + Duration::from_secs(5), all)
+            .await
+            .is_err()
+        {
+            warn!("some replicas did not stop in time; a restart replays their logs");
         }
     }
 }

@@ -29,6 +29,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
 /// Requests queued to a group before callers wait.
 const EVENT_QUEUE: usize = 4096;
+/// How long a group's last checkpoint at node shutdown may take.
+pub const SHUTDOWN_CHECKPOINT: Duration = Duration::from_secs(20);
 /// Writes parked while the cache is full, before more are refused.
 const MAX_PARKED_WRITES: usize = 1024;
 /// Writes that arrive together are proposed as one raft step of at most
@@ -180,7 +182,11 @@ pub enum GroupEvent {
     /// the next chance (see [`Checkpoints`]).
     Checkpoint,
     Unreachable(u64),
+    /// Stop (the volume is being deleted).
     Stop,
+    /// Stop after a last checkpoint, so a restart has no log to replay;
+    /// answered once stopped. The node is shutting down.
+    Shutdown(oneshot::Sender<()>),
 }
 
 /// What `volume info` and the router read about a group, refreshed by the driver.
@@ -583,6 +589,7 @@ impl Driver {
                 _ = ticker.tick(), if !self.hibernating => self.on_tick(),
                 ev = rx.recv() => match ev {
                     None | Some(GroupEvent::Stop) => break,
+                    Some(GroupEvent::Shutdown(done)) => return self.shut_down(&mut rx, done).await,
                     Some(ev) => self.handle(ev),
                 },
                 // A peer node went down or came back: a hibernating
@@ -602,6 +609,7 @@ impl Driver {
             for _ in 0..256 {
                 match rx.try_recv() {
                     Ok(GroupEvent::Stop) => return self.stop(),
+                    Ok(GroupEvent::Shutdown(done)) => return self.shut_down(&mut rx, done).await,
                     Ok(ev) => self.handle(ev),
                     Err(_) => break,
                 }
@@ -736,7 +744,8 @@ impl Driver {
             | GroupEvent::Persisted(_)
             | GroupEvent::Destaged { .. }
             | GroupEvent::Checkpoint
-            | GroupEvent::Stop => false,
+            | GroupEvent::Stop
+            | GroupEvent::Shutdown(_) => false,
         };
         if active {
             self.wake("activity");
@@ -780,6 +789,41 @@ impl Driver {
 
     fn stop(&mut self) {
         info!(group = self.group_id, volume = %self.volume, "replica stopped");
+    }
+
+    /// A last checkpoint, then stop. Waits at most [`SHUTDOWN_CHECKPOINT`]:
+    /// the log holds everything anyway, so a checkpoint cut short only
+    /// costs the restart a replay. Whatever else arrives meanwhile is
+    /// dropped (the node's NBD sessions are already closed).
+    async fn shut_down(&mut self, rx: &mut mpsc::Receiver<GroupEvent>, done: oneshot::Sender<()>) {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_CHECKPOINT;
+        loop {
+            if !self.destaging {
+                if self.replica.state().cache.bytes() == 0 && self.written_index <= self.destaged_index {
+                    break;
+                }
+                self.checkpoint_requested = true;
+                self.start_destage();
+                if !self.destaging {
+                    // Nothing it may destage now (a snapshot install).
+                    break;
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(GroupEvent::Destaged {
+                    index,
+                    checkpoint,
+                    result,
+                })) => self.on_destaged(index, checkpoint, result),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    warn!(group = self.group_id, volume = %self.volume, "no last checkpoint before stopping; a restart replays the log");
+                    break;
+                }
+            }
+        }
+        self.stop();
+        let _ = done.send(());
     }
 
     /// A log write that no Ready waits for (membership, destage point).
@@ -972,7 +1016,7 @@ impl Driver {
                 self.start_destage();
             }
             GroupEvent::Unreachable(peer) => self.replica.report_unreachable(peer),
-            GroupEvent::Stop => {}
+            GroupEvent::Stop | GroupEvent::Shutdown(_) => {}
         }
     }
 

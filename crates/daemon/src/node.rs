@@ -362,8 +362,8 @@ impl Node {
             );
         }
         let _ = self.admin.await;
-        // Every acknowledged write is already in the durable Raft log; the
-        // replicas just stop.
+        // Every acknowledged write is already in the durable Raft log; a
+        // last checkpoint per replica only spares the restart a replay.
         self.catalog.stop_all().await;
         // Raft streams never end on their own; the peer server's graceful
         // stop waits for them.
