@@ -737,9 +737,33 @@ fn write_extents(file: &File, extents: &[(u64, Bytes)]) -> Result<()> {
             length: end - start,
             source,
         })?;
+        if end - start >= STREAM_WRITEBACK_BYTES {
+            start_writeback(file, start, end - start);
+        }
         i = j;
     }
     Ok(())
+}
+
+/// A run of at least this many bytes is sequential data (1M writes, a
+/// rebuild's copy): its write-back starts at once. Smaller runs stay dirty in
+/// the page cache until the next checkpoint, which may overwrite them again
+/// (random 4k writes) and writes the rest back sorted.
+const STREAM_WRITEBACK_BYTES: u64 = 256 * 1024;
+
+/// Starts writing a range back without waiting for it
+/// (`SYNC_FILE_RANGE_WRITE`): streaming data then goes to the disk as it
+/// comes, instead of all at once in the next checkpoint's fdatasync, whose
+/// burst held the log's fdatasyncs back (1M writes at QD8: p99 completion
+/// 194-234 ms without this, 80-88 ms with it). Only a hint; durability still
+/// comes from the checkpoint's fdatasync, so a failure here is ignored.
+fn start_writeback(file: &File, offset: u64, length: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else {
+        return;
+    };
+    // SAFETY: plain syscall on an open descriptor we own; no memory passed.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, length, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// Most buffers in one `pwritev` (Linux's IOV_MAX is 1024).
