@@ -949,6 +949,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// SIGKILLs node `id`, adds `toml` to its config
+    /// ([`Cluster::append_node_config`]) and restarts it.
+    pub fn restart_node_with_config(&mut self, id: u64, toml: &str) -> Result<()> {
+        self.kill_node_id(id)?;
+        self.append_node_config(id, toml)?;
+        self.restart_node_id(id)
+    }
+
     /// Restarts node `id` from its `argv` as a test-owned child and waits
     /// until its NBD port completes a handshake for the volume.
     pub fn restart_node_id(&mut self, id: u64) -> Result<()> {

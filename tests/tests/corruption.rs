@@ -249,9 +249,7 @@ fn expect_refusal(cluster: &Cluster, id: u64, label: &str, must_name: &[String])
 fn single_node_with_data(name: &str) -> Result<Cluster> {
     let mut cluster = Cluster::start(name)?;
     write_known(cluster.nbd_uri())?;
-    cluster.kill_node()?;
-    cluster.append_node_config(1, "[log]\ncheckpoint_interval_ms = 1000")?;
-    cluster.restart_node()?;
+    cluster.restart_node_with_config(1, "[log]\ncheckpoint_interval_ms = 1000")?;
     let dir = data_dir(&cluster, 1)?;
     let state = volume_dir(&dir)?.join("volume.state");
     wait_until(CHECKPOINT_WITHIN, "volume.state to be written", || Ok(state.exists()))

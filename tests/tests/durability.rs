@@ -77,6 +77,11 @@ fn acknowledged_writes_survive_sigkill() -> Result<()> {
     Ok(())
 }
 
+/// Node 1's volume.state (written at checkpoints only).
+fn volume_state(cluster: &Cluster) -> Result<std::path::PathBuf> {
+    Ok(volume_dir(&cluster.node_by_id(1)?.data_dir)?.join("volume.state"))
+}
+
 /// Between checkpoints the image file is written without an fdatasync, so a
 /// power loss may leave any of those writes out of it. A restart must not
 /// trust the image past the last checkpoint (volume.state) and replays the
@@ -89,9 +94,7 @@ fn writes_after_the_last_checkpoint_come_back_from_the_log() -> Result<()> {
     const NAME: &str = "checkpoint-replay";
     let mut cluster = Cluster::start(NAME)?;
     // No checkpoint inside the test, whatever the machine's pace.
-    cluster.kill_node()?;
-    cluster.append_node_config(1, "[log]\ncheckpoint_interval_ms = 3600000")?;
-    cluster.restart_node()?;
+    cluster.restart_node_with_config(1, "[log]\ncheckpoint_interval_ms = 3600000")?;
     let uri = cluster.nbd_uri().to_string();
     qemu_io_ok(&uri, &["write -P 0x5c 0 1M", "write -P 0x7e 4M 256k", "flush"])?;
     let vdir = volume_dir(&cluster.node_by_id(1)?.data_dir)?;
@@ -131,10 +134,8 @@ fn writes_after_the_last_checkpoint_come_back_from_the_log() -> Result<()> {
 #[test]
 fn a_checkpoint_follows_the_log_bytes_bound() -> Result<()> {
     let mut cluster = Cluster::start("checkpoint-bytes")?;
-    cluster.kill_node()?;
-    cluster.append_node_config(1, "[log]\ncheckpoint_interval_ms = 3600000\ncheckpoint_bytes = 1048576")?;
-    cluster.restart_node()?;
-    let state = volume_dir(&cluster.node_by_id(1)?.data_dir)?.join("volume.state");
+    cluster.restart_node_with_config(1, "[log]\ncheckpoint_interval_ms = 3600000\ncheckpoint_bytes = 1048576")?;
+    let state = volume_state(&cluster)?;
     ensure!(!state.exists(), "{} exists before any write", state.display());
     qemu_io_ok(cluster.nbd_uri(), &["write -P 0x3a 0 4M", "flush"])?;
     wait_until(Duration::from_secs(30), "a checkpoint (volume.state written)", || {
@@ -158,10 +159,8 @@ fn a_checkpoint_follows_the_log_bytes_bound() -> Result<()> {
 #[test]
 fn a_clean_stop_checkpoints_first() -> Result<()> {
     let mut cluster = Cluster::start("checkpoint-at-stop")?;
-    cluster.kill_node()?;
-    cluster.append_node_config(1, "[log]\ncheckpoint_interval_ms = 3600000")?;
-    cluster.restart_node()?;
-    let state = volume_dir(&cluster.node_by_id(1)?.data_dir)?.join("volume.state");
+    cluster.restart_node_with_config(1, "[log]\ncheckpoint_interval_ms = 3600000")?;
+    let state = volume_state(&cluster)?;
     qemu_io_ok(cluster.nbd_uri(), &["write -P 0x4d 0 2M", "flush"])?;
     ensure!(!state.exists(), "{} exists before the stop", state.display());
     let node = cluster.restarted_node().context("the restarted node's guard")?;

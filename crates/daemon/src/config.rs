@@ -100,6 +100,14 @@ fn default_checkpoint_interval_ms() -> u64 {
 fn default_checkpoint_bytes() -> u64 {
     192 * 1024 * 1024
 }
+/// Refuses `value` of config key `key` outside `range`, naming both.
+fn in_range(key: &str, value: u64, range: &std::ops::RangeInclusive<u64>) -> std::result::Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{key} {value} must be {}-{}", range.start(), range.end()))
+    }
+}
 /// Accepted `log.checkpoint_interval_ms`: one destage round at the least, an
 /// hour at the most.
 pub const CHECKPOINT_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 500..=3_600_000;
@@ -352,22 +360,16 @@ impl Config {
         if self.nbd.handshake_timeout_ms == 0 {
             return Err("nbd.handshake_timeout_ms must be positive".into());
         }
-        if !CHECKPOINT_INTERVAL_MS_RANGE.contains(&self.log.checkpoint_interval_ms) {
-            return Err(format!(
-                "log.checkpoint_interval_ms {} must be {}-{}",
-                self.log.checkpoint_interval_ms,
-                CHECKPOINT_INTERVAL_MS_RANGE.start(),
-                CHECKPOINT_INTERVAL_MS_RANGE.end()
-            ));
-        }
-        if !CHECKPOINT_BYTES_RANGE.contains(&self.log.checkpoint_bytes) {
-            return Err(format!(
-                "log.checkpoint_bytes {} must be {}-{}",
-                self.log.checkpoint_bytes,
-                CHECKPOINT_BYTES_RANGE.start(),
-                CHECKPOINT_BYTES_RANGE.end()
-            ));
-        }
+        in_range(
+            "log.checkpoint_interval_ms",
+            self.log.checkpoint_interval_ms,
+            &CHECKPOINT_INTERVAL_MS_RANGE,
+        )?;
+        in_range(
+            "log.checkpoint_bytes",
+            self.log.checkpoint_bytes,
+            &CHECKPOINT_BYTES_RANGE,
+        )?;
         parse_addr("cluster.peer_listen", &self.cluster.peer_listen)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, n) in self.cluster.nodes.iter().enumerate() {

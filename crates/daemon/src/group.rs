@@ -768,7 +768,7 @@ impl Driver {
             && !self.destaging
             && !self.recovering
             && self.replica.state().cache.bytes() == 0
-            && self.written_index <= self.destaged_index
+            && !self.image_unsynced()
             && self.replica.applied_index() == self.replica.commit_index();
         if !settled {
             return false;
@@ -799,11 +799,10 @@ impl Driver {
         let deadline = tokio::time::Instant::now() + SHUTDOWN_CHECKPOINT;
         loop {
             if !self.destaging {
-                if self.replica.state().cache.bytes() == 0 && self.written_index <= self.destaged_index {
+                if self.replica.state().cache.bytes() == 0 && !self.image_unsynced() {
                     break;
                 }
-                self.checkpoint_requested = true;
-                self.start_destage();
+                self.checkpoint_now();
                 if !self.destaging {
                     // Nothing it may destage now (a snapshot install).
                     break;
@@ -1011,10 +1010,7 @@ impl Driver {
                 checkpoint,
                 result,
             } => self.on_destaged(index, checkpoint, result),
-            GroupEvent::Checkpoint => {
-                self.checkpoint_requested = true;
-                self.start_destage();
-            }
+            GroupEvent::Checkpoint => self.checkpoint_now(),
             GroupEvent::Unreachable(peer) => self.replica.report_unreachable(peer),
             GroupEvent::Stop | GroupEvent::Shutdown(_) => {}
         }
@@ -1172,7 +1168,7 @@ impl Driver {
         });
         let cached = self.replica.state().cache.bytes();
         if (cached > 0 && (cached >= DESTAGE_THRESHOLD_BYTES || self.last_destage.elapsed() >= DESTAGE_INTERVAL))
-            || (self.written_index > self.destaged_index && self.checkpoint_due())
+            || (self.image_unsynced() && self.checkpoint_due())
         {
             self.start_destage();
         }
@@ -1475,15 +1471,14 @@ impl Driver {
         let index = self.replica.applied_index();
         let extents = self.replica.state().cache.dirty_up_to(index);
         let checkpoint = self.checkpoint_due();
-        if extents.is_empty() && !(checkpoint && self.written_index > self.destaged_index) {
+        if extents.is_empty() && !(checkpoint && self.image_unsynced()) {
             return;
         }
         self.destaging = true;
         self.last_destage = Instant::now();
         if checkpoint {
             self.checkpoint_requested = false;
-            self.last_checkpoint = Instant::now();
-            self.checkpoint_logged_bytes = self.logged_bytes;
+            self.checkpoint_started();
         }
         let store = self.store.clone();
         let tx = self.tx.clone();
@@ -1614,8 +1609,7 @@ impl Driver {
         }
         self.destaged_index = index;
         self.written_index = index;
-        self.last_checkpoint = Instant::now();
-        self.checkpoint_logged_bytes = self.logged_bytes;
+        self.checkpoint_started();
         if let Some(task) = install.persist {
             // The durable log restarts at the snapshot point: one stand-in
             // entry carrying its index and term (see Replica::restart),
@@ -1682,6 +1676,23 @@ impl Driver {
                 }
             });
         }
+    }
+
+    /// The image file holds writes its last fdatasync did not cover.
+    fn image_unsynced(&self) -> bool {
+        self.written_index > self.destaged_index
+    }
+
+    /// Checkpoints at the next destage, starting one now if none runs.
+    fn checkpoint_now(&mut self) {
+        self.checkpoint_requested = true;
+        self.start_destage();
+    }
+
+    /// Restarts the checkpoint bounds (interval and log bytes) from here.
+    fn checkpoint_started(&mut self) {
+        self.last_checkpoint = Instant::now();
+        self.checkpoint_logged_bytes = self.logged_bytes;
     }
 
     /// Whether the next destage should also be a checkpoint (see
