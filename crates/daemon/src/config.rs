@@ -32,6 +32,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// How long SIGTERM waits for NBD sessions to finish in-flight requests.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -114,6 +116,31 @@ pub const CHECKPOINT_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 500..=3_
 /// Accepted `log.checkpoint_bytes`: 1 MiB to 4 GiB (a restart holds what it
 /// replays in memory).
 pub const CHECKPOINT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(4 << 30);
+
+/// The volume images (DATA_DIR/volumes/*/image).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Images are sparse files that get their blocks in units of this many
+    /// bytes: the first write into a unit allocates all of it and writes the
+    /// rest as zeroes, so each unit stays contiguous on disk whatever order
+    /// it is written in (README: "Allocation units"). A power of two from
+    /// 64 KiB to 4 MiB, or 0 for block-by-block allocation.
+    #[serde(default = "default_allocation_unit_bytes")]
+    pub allocation_unit_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> StorageConfig {
+        StorageConfig {
+            allocation_unit_bytes: default_allocation_unit_bytes(),
+        }
+    }
+}
+
+fn default_allocation_unit_bytes() -> u64 {
+    1024 * 1024
+}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +301,7 @@ impl Config {
                     metrics: MetricsConfig::default(),
                     cluster: ClusterConfig::default(),
                     log: LogConfig::default(),
+                    storage: StorageConfig::default(),
                     shutdown_timeout_ms: default_shutdown_timeout_ms(),
                 }
             }
@@ -370,6 +398,8 @@ impl Config {
             self.log.checkpoint_bytes,
             &CHECKPOINT_BYTES_RANGE,
         )?;
+        trireme_storage::alloc::validate_unit_bytes(self.storage.allocation_unit_bytes)
+            .map_err(|e| format!("storage.allocation_unit_bytes {e}"))?;
         parse_addr("cluster.peer_listen", &self.cluster.peer_listen)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, n) in self.cluster.nodes.iter().enumerate() {
@@ -491,6 +521,10 @@ mod tests {
                 "log.checkpoint_bytes",
             ),
             (
+                "node_id = 1\ndata_dir = \"/x\"\n[storage]\nallocation_unit_bytes = 3000000\n",
+                "storage.allocation_unit_bytes 3000000",
+            ),
+            (
                 "node_id = 1\ndata_dir = \"/x\"\n[cluster]\nsecret = \"0123456789abcdef\"\n[[cluster.nodes]]\nid = 2\npeer = \"127.0.0.1:1\"\n",
                 "does not list this node",
             ),
@@ -513,6 +547,7 @@ mod tests {
         assert_eq!(c.log.prefill_bytes, 256 * 1024 * 1024);
         assert_eq!(c.log.checkpoint_interval_ms, 30_000);
         assert_eq!(c.log.checkpoint_bytes, 192 * 1024 * 1024);
+        assert_eq!(c.storage.allocation_unit_bytes, 1024 * 1024);
     }
 
     #[test]

@@ -161,7 +161,9 @@ impl Node {
             telemetry::install(addr, config.node_id)
                 .map_err(|e| DaemonError::io(format!("starting metrics.listen {addr}"), std::io::Error::other(e)))?;
         }
-        let engine = IoEngine::start()?;
+        let engine = IoEngine::start()?
+            .with_allocation_unit(config.storage.allocation_unit_bytes)
+            .map_err(|e| DaemonError::InvalidArgument(format!("storage.allocation_unit_bytes {e}")))?;
         let log_dir = data_dir.join("raft-log");
         let log: Arc<dyn RaftLogStore> = Arc::new(
             EngineLog::open_with(

@@ -6,13 +6,16 @@
 //! node-wide io_uring thread with group commit), [`mem::MemStore`] (unit
 //! tests and simulation; it can "crash" and lose or tear unsynced writes),
 //! and [`fault::FaultyStore`] (injects I/O and sync errors around any store).
-//! Also the checksummed state-file format ([`statefile`]), and, with the
-//! `failpoints` feature, the image and state-file [`failpoints`] that
-//! triremed's fault-injection API configures in a running node.
+//! Also the allocation units of sparse images ([`alloc`]: the first write
+//! into a unit allocates all of it, so random writes leave no scattered
+//! blocks behind), the checksummed state-file format ([`statefile`]), and,
+//! with the `failpoints` feature, the image and state-file [`failpoints`]
+//! that triremed's fault-injection API configures in a running node.
 //! Driven by: the daemon's volume layer (and, later, the replica's destager).
 //! Must never depend on: the network, NBD, Raft or gRPC. This crate knows
 //! bytes and files, nothing about who asked for them.
 
+pub mod alloc;
 pub mod failpoints;
 pub mod fault;
 pub mod mem;
