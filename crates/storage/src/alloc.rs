@@ -28,6 +28,11 @@ use bytes::Bytes;
 pub const MIN_UNIT_BYTES: u64 = 64 * 1024;
 pub const MAX_UNIT_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Units past this offset are never tracked: ext4's largest file (and
+/// Trireme's largest volume) is 16 TiB, so a write there fails anyway, and
+/// a wild offset must not grow the map.
+const MAX_TRACKED_BYTES: u64 = 16 << 40;
+
 /// Zeroes for the fills: never written, so the pages stay the kernel's
 /// shared zero page and cost no memory.
 static ZEROES: [u8; MAX_UNIT_BYTES as usize] = [0; MAX_UNIT_BYTES as usize];
@@ -82,15 +87,18 @@ impl AllocMap {
         Ok(m)
     }
 
-    /// New space past the old end is a hole.
+    /// New space past the old end is a hole, except units a write past the
+    /// old end already marked: those stay marked.
     pub(crate) fn grow(&mut self, size_bytes: u64) {
         if size_bytes <= self.size_bytes {
             return;
         }
         // The old last unit may have been partial: it stays as it was.
         self.size_bytes = size_bytes;
-        let units = size_bytes.div_ceil(self.unit_bytes);
-        self.words.resize(units.div_ceil(64) as usize, 0);
+        let words = size_bytes.div_ceil(self.unit_bytes).div_ceil(64) as usize;
+        if self.words.len() < words {
+            self.words.resize(words, 0);
+        }
     }
 
     fn is_set(&self, unit: u64) -> bool {
@@ -103,15 +111,20 @@ impl AllocMap {
         if length == 0 {
             return 0..0;
         }
-        offset / self.unit_bytes..(offset + length).div_ceil(self.unit_bytes)
+        let end = offset.saturating_add(length).min(MAX_TRACKED_BYTES);
+        (offset / self.unit_bytes).min(end.div_ceil(self.unit_bytes))..end.div_ceil(self.unit_bytes)
     }
 
-    /// Marks every unit that `[offset, offset + length)` touches.
+    /// Marks every unit that `[offset, offset + length)` touches, past the
+    /// image's end too (a write there extends the file; a later grow must
+    /// not take it for a hole).
     pub(crate) fn mark(&mut self, offset: u64, length: u64) {
         for unit in self.units(offset, length) {
-            if let Some(w) = self.words.get_mut((unit / 64) as usize) {
-                *w |= 1 << (unit % 64);
+            let word = (unit / 64) as usize;
+            if word >= self.words.len() {
+                self.words.resize(word + 1, 0);
             }
+            self.words[word] |= 1 << (unit % 64);
         }
     }
 
@@ -133,6 +146,10 @@ impl AllocMap {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for u in units {
             let start = u * self.unit_bytes;
+            if start >= self.size_bytes {
+                // Past the end: nothing to allocate ahead of the write.
+                continue;
+            }
             let end = (start + self.unit_bytes).min(self.size_bytes);
             match runs.last_mut() {
                 Some((o, l)) if *o + *l == start => *l = end - *o,
@@ -149,7 +166,7 @@ impl AllocMap {
         let mut spans: Vec<(u64, u64)> = extents
             .iter()
             .filter(|(_, d)| !d.is_empty())
-            .map(|(o, d)| (*o, *o + d.len() as u64))
+            .map(|(o, d)| (*o, o.saturating_add(d.len() as u64)))
             .collect();
         spans.sort_unstable();
         let mut out = Vec::new();
@@ -184,10 +201,11 @@ impl AllocMap {
         }
     }
 
-    /// Units known to be allocated, and all units.
+    /// Units known to be allocated, and all units, within the image.
     pub(crate) fn counts(&self) -> (u64, u64) {
-        let set = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
-        (set, self.size_bytes.div_ceil(self.unit_bytes))
+        let total = self.size_bytes.div_ceil(self.unit_bytes);
+        let set = (0..total).filter(|&u| self.is_set(u)).count() as u64;
+        (set, total)
     }
 }
 
@@ -306,6 +324,23 @@ mod tests {
         let set: Vec<u64> = (0..8).filter(|&u| m.is_set(u)).collect();
         assert_eq!(set, vec![3, 7]);
         assert_eq!(m.counts(), (2, 8));
+    }
+
+    #[test]
+    fn a_write_past_the_end_stays_marked_when_the_image_grows_over_it() {
+        let mut m = AllocMap::empty(UNIT, UNIT);
+        let past = vec![(3 * UNIT + 4096, data(4096))];
+        assert!(m.fills(&past).is_empty(), "nothing is filled past the end");
+        m.mark_all(&past);
+        m.grow(4 * UNIT);
+        assert!(!m.touches_clear(3 * UNIT, UNIT), "the written unit stays marked");
+        assert!(m.touches_clear(2 * UNIT, 1));
+        assert_eq!(m.counts(), (1, 4));
+        // A wild offset is neither filled nor tracked.
+        let wild = vec![(u64::MAX - 4095, data(4096))];
+        assert!(m.fills(&wild).is_empty());
+        m.mark_all(&wild);
+        assert_eq!(m.words.len(), 1);
     }
 
     #[test]

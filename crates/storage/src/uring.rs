@@ -842,7 +842,9 @@ fn write_allocating(file: &File, alloc: &Mutex<AllocMap>, extents: Vec<(u64, Byt
             });
         }
     };
-    let disjoint_sorted = extents.windows(2).all(|w| w[0].0 + w[0].1.len() as u64 <= w[1].0);
+    let disjoint_sorted = extents
+        .windows(2)
+        .all(|w| w[0].0.saturating_add(w[0].1.len() as u64) <= w[1].0);
     let result = if disjoint_sorted {
         // One pass in offset order: a unit's fill and data merge into one pwritev.
         let mut all: Vec<(u64, Bytes)> = fills.iter().cloned().chain(extents.iter().cloned()).collect();
