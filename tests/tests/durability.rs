@@ -82,6 +82,23 @@ fn volume_state(cluster: &Cluster) -> Result<std::path::PathBuf> {
     Ok(volume_dir(&cluster.node_by_id(1)?.data_dir)?.join("volume.state"))
 }
 
+/// Whether `len` bytes of the image file at `offset` are all `byte`.
+fn image_holds(image: &std::path::Path, offset: u64, len: usize, byte: u8) -> Result<bool> {
+    let mut buf = vec![0u8; len];
+    File::open(image)?.read_exact_at(&mut buf, offset)?;
+    Ok(buf.iter().all(|b| *b == byte))
+}
+
+/// SIGTERMs the node the test restarted last and checks it stopped cleanly
+/// (a clean stop checkpoints every volume).
+fn stop_cleanly(cluster: &mut Cluster) -> Result<()> {
+    let node = cluster.restarted_node().context("the restarted node's guard")?;
+    node.signal(Sig::SIGTERM)?;
+    let status = node.wait_exit(Duration::from_secs(60))?;
+    ensure!(status.success(), "clean stop failed: {status}");
+    Ok(())
+}
+
 /// Between checkpoints the image file is written without an fdatasync, so a
 /// power loss may leave any of those writes out of it. A restart must not
 /// trust the image past the last checkpoint (volume.state) and replays the
@@ -100,11 +117,7 @@ fn writes_after_the_last_checkpoint_come_back_from_the_log() -> Result<()> {
     let vdir = volume_dir(&cluster.node_by_id(1)?.data_dir)?;
     let image = vdir.join("image");
     let state = vdir.join("volume.state");
-    let holds = |offset: u64, len: usize, byte: u8| -> Result<bool> {
-        let mut buf = vec![0u8; len];
-        std::fs::File::open(&image)?.read_exact_at(&mut buf, offset)?;
-        Ok(buf.iter().all(|b| *b == byte))
-    };
+    let holds = |offset: u64, len: usize, byte: u8| image_holds(&image, offset, len, byte);
     // The destage (every 500 ms) writes the blocks into the image file.
     wait_until(Duration::from_secs(30), "the image file to hold the writes", || {
         Ok(holds(0, 1 << 20, 0x5c)? && holds(4 << 20, 256 << 10, 0x7e)?)
@@ -163,10 +176,7 @@ fn a_clean_stop_checkpoints_first() -> Result<()> {
     let state = volume_state(&cluster)?;
     qemu_io_ok(cluster.nbd_uri(), &["write -P 0x4d 0 2M", "flush"])?;
     ensure!(!state.exists(), "{} exists before the stop", state.display());
-    let node = cluster.restarted_node().context("the restarted node's guard")?;
-    node.signal(Sig::SIGTERM)?;
-    let status = node.wait_exit(Duration::from_secs(60))?;
-    ensure!(status.success(), "clean stop failed: {status}");
+    stop_cleanly(&mut cluster)?;
     ensure!(state.exists(), "{} missing after a clean stop", state.display());
     cluster.restart_node()?;
     qemu_io_ok(cluster.nbd_uri(), &["read -P 0x4d 0 2M"])?;
@@ -185,11 +195,7 @@ fn allocation_units_never_fill_over_data() -> Result<()> {
     cluster.restart_node_with_config(1, "[storage]\nallocation_unit_bytes = 1048576")?;
     let uri = cluster.nbd_uri().to_string();
     let image = volume_dir(&cluster.node_by_id(1)?.data_dir)?.join("image");
-    let holds = |offset: u64, byte: u8| -> Result<bool> {
-        let mut buf = vec![0u8; 4096];
-        File::open(&image)?.read_exact_at(&mut buf, offset)?;
-        Ok(buf.iter().all(|b| *b == byte))
-    };
+    let holds = |offset: u64, byte: u8| image_holds(&image, offset, 4096, byte);
     qemu_io_ok(&uri, &["write -P 0x41 4k 4k", "flush"])?;
     wait_until(Duration::from_secs(30), "the image file to hold the write", || {
         holds(4096, 0x41)
@@ -200,10 +206,7 @@ fn allocation_units_never_fill_over_data() -> Result<()> {
         "a 4 KiB write allocated {allocated} bytes, not its 1 MiB unit"
     );
 
-    let node = cluster.restarted_node().context("the node's guard")?;
-    node.signal(Sig::SIGTERM)?;
-    let status = node.wait_exit(Duration::from_secs(60))?;
-    ensure!(status.success(), "clean stop failed: {status}");
+    stop_cleanly(&mut cluster)?;
     // Data the node never wrote itself: the scan at open must see it too.
     std::fs::OpenOptions::new()
         .write(true)

@@ -160,9 +160,10 @@ impl AllocMap {
     }
 
     /// The zero writes that complete the clear units `extents` touch: the
-    /// parts of each run of [`AllocMap::clear_runs`] that no extent covers.
-    /// Sorted by offset, disjoint from every extent, none longer than a unit.
-    pub(crate) fn fills(&self, extents: &[(u64, Bytes)]) -> Vec<(u64, Bytes)> {
+    /// parts of `runs` (their [`AllocMap::clear_runs`]) that no extent
+    /// covers. Sorted by offset, disjoint from every extent, none longer
+    /// than a unit.
+    pub(crate) fn fills(&self, runs: &[(u64, u64)], extents: &[(u64, Bytes)]) -> Vec<(u64, Bytes)> {
         let mut spans: Vec<(u64, u64)> = extents
             .iter()
             .filter(|(_, d)| !d.is_empty())
@@ -171,7 +172,7 @@ impl AllocMap {
         spans.sort_unstable();
         let mut out = Vec::new();
         let mut first_span = 0;
-        for (run_start, run_len) in self.clear_runs(extents) {
+        for &(run_start, run_len) in runs {
             let run_end = run_start + run_len;
             // Spans are sorted by start; skip those that end before the run.
             while first_span < spans.len() && spans[first_span].1 <= run_start {
@@ -202,6 +203,7 @@ impl AllocMap {
     }
 
     /// Units known to be allocated, and all units, within the image.
+    #[cfg(test)]
     pub(crate) fn counts(&self) -> (u64, u64) {
         let total = self.size_bytes.div_ceil(self.unit_bytes);
         let set = (0..total).filter(|&u| self.is_set(u)).count() as u64;
@@ -256,6 +258,10 @@ mod tests {
         Bytes::from(vec![7u8; len])
     }
 
+    fn fills_of(m: &AllocMap, extents: &[(u64, Bytes)]) -> Vec<(u64, Bytes)> {
+        m.fills(&m.clear_runs(extents), extents)
+    }
+
     #[test]
     fn units_are_validated() {
         assert!(validate_unit_bytes(0).is_ok());
@@ -271,7 +277,7 @@ mod tests {
         let m = AllocMap::empty(UNIT, 4 * UNIT);
         // 4k in unit 1, and a write straddling units 2 and 3.
         let extents = vec![(UNIT + 4096, data(4096)), (3 * UNIT - 4096, data(8192))];
-        let fills = m.fills(&extents);
+        let fills = fills_of(&m, &extents);
         // Each fill is at most a unit; merged, they are the gaps.
         let mut gaps: Vec<(u64, u64)> = Vec::new();
         for (o, d) in &fills {
@@ -297,8 +303,8 @@ mod tests {
     fn set_units_and_covered_units_get_no_fill() {
         let mut m = AllocMap::empty(UNIT, 4 * UNIT);
         m.mark(0, 1);
-        assert!(m.fills(&[(4096, data(4096))]).is_empty());
-        assert!(m.fills(&[(UNIT, data(UNIT as usize))]).is_empty());
+        assert!(fills_of(&m, &[(4096, data(4096))]).is_empty());
+        assert!(fills_of(&m, &[(UNIT, data(UNIT as usize))]).is_empty());
         assert!(m.touches_clear(UNIT, 1));
         assert!(!m.touches_clear(0, UNIT));
     }
@@ -306,7 +312,7 @@ mod tests {
     #[test]
     fn the_last_partial_unit_is_filled_only_to_the_end_of_the_image() {
         let m = AllocMap::empty(UNIT, UNIT + 8192);
-        let fills = m.fills(&[(UNIT, data(4096))]);
+        let fills = fills_of(&m, &[(UNIT, data(4096))]);
         assert_eq!(fills.len(), 1);
         assert_eq!((fills[0].0, fills[0].1.len() as u64), (UNIT + 4096, 4096));
     }
@@ -330,7 +336,7 @@ mod tests {
     fn a_write_past_the_end_stays_marked_when_the_image_grows_over_it() {
         let mut m = AllocMap::empty(UNIT, UNIT);
         let past = vec![(3 * UNIT + 4096, data(4096))];
-        assert!(m.fills(&past).is_empty(), "nothing is filled past the end");
+        assert!(fills_of(&m, &past).is_empty(), "nothing is filled past the end");
         m.mark_all(&past);
         m.grow(4 * UNIT);
         assert!(!m.touches_clear(3 * UNIT, UNIT), "the written unit stays marked");
@@ -338,7 +344,7 @@ mod tests {
         assert_eq!(m.counts(), (1, 4));
         // A wild offset is neither filled nor tracked.
         let wild = vec![(u64::MAX - 4095, data(4096))];
-        assert!(m.fills(&wild).is_empty());
+        assert!(fills_of(&m, &wild).is_empty());
         m.mark_all(&wild);
         assert_eq!(m.words.len(), 1);
     }

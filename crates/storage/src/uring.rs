@@ -576,7 +576,8 @@ impl UringStore {
 
     /// Allocation units holding data or written as zeroes, and all units;
     /// None when units are off.
-    pub fn allocation_units(&self) -> Option<(u64, u64)> {
+    #[cfg(test)]
+    fn allocation_units(&self) -> Option<(u64, u64)> {
         self.alloc
             .as_ref()
             .map(|a| a.lock().unwrap_or_else(PoisonError::into_inner).counts())
@@ -825,7 +826,7 @@ fn write_allocating(file: &File, alloc: &Mutex<AllocMap>, extents: Vec<(u64, Byt
         .iter()
         .try_for_each(|&(offset, length)| allocate(file, offset, length))
     {
-        Ok(()) => map.fills(&extents),
+        Ok(()) => map.fills(&runs, &extents),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             // Without fallocate a fill could expose stale blocks after a
             // crash: write block by block instead.
@@ -892,7 +893,6 @@ const STREAM_WRITEBACK_BYTES: u64 = 256 * 1024;
 /// 194-234 ms without this, 80-88 ms with it). Only a hint; durability still
 /// comes from the checkpoint's fdatasync, so a failure here is ignored.
 fn start_writeback(file: &File, offset: u64, length: u64) {
-    use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else {
         return;
     };
