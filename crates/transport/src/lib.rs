@@ -387,7 +387,8 @@ fn endpoint(config: &TransportConfig, addr: SocketAddr) -> Result<Endpoint, Tran
         .keep_alive_timeout(Duration::from_millis(config.keepalive_timeout_ms))
         .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES))
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES))
 }
 
 /// HTTP/2 flow-control windows. h2's default of 64 KiB makes a 1 MiB Raft
@@ -395,6 +396,16 @@ fn endpoint(config: &TransportConfig, addr: SocketAddr) -> Result<Endpoint, Tran
 /// of several maximum-size messages in flight.
 const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+
+/// The largest HTTP/2 frame each side accepts. h2's default of 16 KiB
+/// splits a 1 MiB Raft append into 64 DATA frames, and the receiver reads
+/// a frame at a time: 64 read and 64 write syscalls per MiB on each link.
+/// 256 KiB frames move it in four of each. Larger frames measured no
+/// faster: tonic copies the part of a message that came with its first
+/// frame once more when it sizes its buffer for the whole message, and a
+/// large frame also holds up small messages to other groups on the same
+/// connection for longer.
+const MAX_FRAME_BYTES: u32 = 256 * 1024;
 
 /// A tonic server builder for the peer listener, with the same HTTP/2
 /// keepalive as the clients (so a stopped peer's streams are closed on this
@@ -406,6 +417,7 @@ pub fn server_builder(config: &TransportConfig) -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(Duration::from_millis(config.keepalive_timeout_ms)))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
 }
 
 #[cfg(test)]
