@@ -282,6 +282,12 @@ struct Shared {
     /// Set once an unrecoverable error happened; every request then fails.
     failed: Mutex<Option<String>>,
     stats: Arc<FsStats>,
+    /// The previous round's `LogBatch`, drained by raft-engine after its
+    /// write, kept for the next round. Its buffer keeps its capacity (up to
+    /// raft-engine's 8 MiB cap), so a round of large entries encodes into
+    /// memory already mapped instead of growing a fresh buffer page fault
+    /// by page fault (a tenth of all CPU under 1 MiB writes).
+    spare_batch: Mutex<Option<LogBatch>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -364,7 +370,7 @@ impl Shared {
             }
             return;
         }
-        let mut lb = LogBatch::default();
+        let mut lb = lock(&self.spare_batch).take().unwrap_or_default();
         // One synced write makes the whole round synced.
         let mut must_sync = false;
         let mut spans: HashMap<u64, Span> = HashMap::new();
@@ -407,6 +413,8 @@ impl Shared {
             }
         }
         if accepted.is_empty() {
+            // Nothing was added, so the batch is still empty and open.
+            *lock(&self.spare_batch) = Some(lb);
             return;
         }
         #[cfg(feature = "failpoints")]
@@ -417,7 +425,12 @@ impl Shared {
             // As a failed pwrite: nothing of the batch is in the log.
             Some(e) => Err(e.to_string()),
             None => match catch_unwind(AssertUnwindSafe(|| self.engine.write(&mut lb, must_sync))) {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(_)) => {
+                    // A successful write drains the batch. After a failed
+                    // one its state is unknown, so it is dropped.
+                    *lock(&self.spare_batch) = Some(lb);
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(panic) => {
                     let reason = self.panic_reason("writing", &*panic);
@@ -619,6 +632,7 @@ impl EngineLog {
                 queue: Mutex::new(Queue::default()),
                 failed: Mutex::new(None),
                 stats,
+                spare_batch: Mutex::new(None),
             },
         })
     }
