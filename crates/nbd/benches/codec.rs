@@ -69,9 +69,9 @@ fn requests(c: &mut Criterion) {
             let codec::Request::Write { length, .. } = request else {
                 unreachable!("the request is a WRITE")
             };
-            // server.rs: BytesMut::zeroed + read_exact from the BufReader + freeze.
-            let mut buf = BytesMut::zeroed(length as usize);
-            buf.copy_from_slice(&wire[codec::REQUEST_HEADER_LEN..codec::REQUEST_HEADER_LEN + length as usize]);
+            // server.rs read_payload: an unzeroed buffer filled by reads + freeze.
+            let mut buf = BytesMut::with_capacity(length as usize);
+            buf.extend_from_slice(&wire[codec::REQUEST_HEADER_LEN..codec::REQUEST_HEADER_LEN + length as usize]);
             (request, buf.freeze())
         })
     });
