@@ -848,7 +848,7 @@ fn write_allocating(file: &File, alloc: &Mutex<AllocMap>, extents: Vec<(u64, Byt
         .all(|w| w[0].0.saturating_add(w[0].1.len() as u64) <= w[1].0);
     let result = if disjoint_sorted {
         // One pass in offset order: a unit's fill and data merge into one pwritev.
-        let mut all: Vec<(u64, Bytes)> = fills.iter().cloned().chain(extents.iter().cloned()).collect();
+        let mut all: Vec<(u64, Bytes)> = fills.into_iter().chain(extents.iter().cloned()).collect();
         all.sort_unstable_by_key(|(o, _)| *o);
         write_extents(file, &all)
     } else {
