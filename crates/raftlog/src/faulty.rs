@@ -21,7 +21,8 @@ struct FaultState {
     injected: u64,
 }
 
-/// Switches of a [`FaultyLog`]; apply to `write_batch` and `remove_group`.
+/// Switches of a [`FaultyLog`]; apply to `write_batch`, `write_batch_unsynced`, `sync` and
+/// `remove_group`.
 #[derive(Debug, Default)]
 pub struct LogFaults {
     state: Mutex<FaultState>,
@@ -135,6 +136,14 @@ impl<L: RaftLogStore> FaultyLog<L> {
 impl<L: RaftLogStore> RaftLogStore for FaultyLog<L> {
     fn write_batch(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
         self.maybe_fail("write_batch", || self.inner.write_batch(batch))
+    }
+
+    fn write_batch_unsynced(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
+        self.maybe_fail("write_batch_unsynced", || self.inner.write_batch_unsynced(batch))
+    }
+
+    fn sync(&self) -> Result<(), LogError> {
+        self.maybe_fail("sync", || self.inner.sync())
     }
 
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {

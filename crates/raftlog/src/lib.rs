@@ -7,9 +7,11 @@
 //! go out as one write and one fdatasync (group commit): that is what makes
 //! many volumes on one node cheap.
 //!
-//! What drives it: the daemon's log writer thread, which collects the
-//! replicas' `PersistTask`s, calls [`RaftLogStore::write_batch`] once per
-//! round, and then reports the tasks as persisted. At startup the daemon
+//! What drives it: the daemon's log writer threads. Each round collects the
+//! replicas' `PersistTask`s, writes them with
+//! [`RaftLogStore::write_batch_unsynced`] and makes them durable with
+//! [`RaftLogStore::sync`], and only then reports the tasks as persisted; the
+//! next round's write overlaps this one's sync. At startup the daemon
 //! calls [`RaftLogStore::groups`] and [`RaftLogStore::load`] to restart each
 //! replica.
 //!
@@ -31,6 +33,7 @@ mod faulty;
 mod mem;
 mod plan;
 mod verify;
+mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -113,6 +116,16 @@ pub trait RaftLogStore: Send + Sync + 'static {
         self.write_batch(batch)
     }
 
+    /// Makes durable every write that returned before this call (one
+    /// fdatasync), so that a writer can write its next batch unsynced while
+    /// this one syncs: the two overlap instead of taking turns. May run on
+    /// another thread at the same time as a write. An error is fatal for the
+    /// store, as a failed `write_batch` sync is. Stores whose unsynced
+    /// writes are synced anyway have nothing to do.
+    fn sync(&self) -> Result<(), LogError> {
+        Ok(())
+    }
+
     /// The group's durable state, or `None` if the log holds nothing of it.
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError>;
 
@@ -147,6 +160,9 @@ impl<T: RaftLogStore + ?Sized> RaftLogStore for std::sync::Arc<T> {
     }
     fn write_batch_unsynced(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
         (**self).write_batch_unsynced(batch)
+    }
+    fn sync(&self) -> Result<(), LogError> {
+        (**self).sync()
     }
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {
         (**self).load(group)

@@ -186,6 +186,17 @@ impl RaftLogStore for MemLog {
         Ok(())
     }
 
+    fn write_batch_unsynced(&self, batch: Vec<GroupWrite>) -> Result<(), LogError> {
+        self.write_unsynced(batch)
+    }
+
+    fn sync(&self) -> Result<(), LogError> {
+        // Like the engine: one fdatasync even with nothing new, so that a
+        // sync can be counted.
+        MemLog::sync(self);
+        Ok(())
+    }
+
     fn load(&self, group: u64) -> Result<Option<GroupState>, LogError> {
         Ok(self.lock().current.groups.get(&group).map(GroupMem::state))
     }
