@@ -459,7 +459,12 @@ def fmt_lat(m, key):
 # ---------------------------------------------------------------- phases
 
 
-def fio_table(targets, runtime, size):
+def fio_table(targets, runtime, size, leader_of=None):
+    """`leader_of`: target -> a function giving its volume's leader now, checked after each job.
+    Reads and writes through node 1 are served there only while node 1 leads; if leadership
+    moved during a job (an election under load), its requests were forwarded and its figure is
+    not comparable: the row says so."""
+    leader_of = leader_of or {}
     results = []
     for wid, desc, args, kind in WORKLOADS:
         row = {"workload": wid, "description": desc, "fio_args": args, "kind": kind, "targets": {}}
@@ -472,6 +477,12 @@ def fio_table(targets, runtime, size):
             log(f"== {wid} {desc}: {target} (after sync: {time.monotonic() - started:.1f} s)")
             job = run_fio(targets[target], args, runtime, size, f"{wid} on {target}")
             row["targets"][target] = {**summarize(job, kind), "raw": raw_fio(job)}
+            if target in leader_of:
+                leader = leader_of[target]()
+                row["targets"][target]["leader_after"] = leader
+                if leader != 1:
+                    log(f"!! {wid} on {target}: the volume's leader is node {leader} after the job, "
+                        "not node 1 where fio connects: requests were forwarded")
         best = max(BASELINES, key=lambda t: row["targets"][t]["iops"])
         row["best_baseline"] = best
         row["ratio_iops"] = row["targets"]["triremed"]["iops"] / max(row["targets"][best]["iops"], 1e-9)
@@ -646,6 +657,8 @@ def print_report(doc):
             ratio = {"triremed": f"{r['ratio_iops']:.2f}x vs {r['best_baseline']}",
                      "triremed-receipt": f"{r.get('ratio_iops_receipt', 0):.2f}x vs {r['best_baseline']}"
                      }.get(target, "")
+            if m.get("leader_after", 1) != 1:
+                ratio += f" (leader moved to node {m['leader_after']})"
             print(f"| {r['workload']} {r['description']} | {target} | {m['iops']:,.0f} | {m['mib_s']:,.1f} | "
                   f"{fmt_lat(m, 'mean_us')} | {fmt_lat(m, 'p99_us')} | {ratio} |")
     print("\nW5: IOPS and MiB/s are reads + writes; latency shows reads / writes.")
@@ -758,7 +771,10 @@ def main():
 
         log("== disk probe (start)")
         doc["disk_probe"] = {"start": disk_probe(base, probe_s)}
-        doc["results"] = fio_table(targets, runtime, size)
+        doc["results"] = fio_table(targets, runtime, size, leader_of={
+            "triremed": lambda: (volume_info(admin, "vol0") or {}).get("leader"),
+            "triremed-receipt": lambda: (volume_info(admin, "vol1") or {}).get("leader"),
+        })
         procs.stop(nk)
         procs.stop(qn)
         doc["failover"] = failover_phase(procs, info, pids, base, failover_s, size, volume_size)
