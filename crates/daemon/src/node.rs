@@ -201,14 +201,15 @@ impl Node {
             s => s.to_string(),
         };
         let transport_config = TransportConfig::new(config.node_id, config.cluster_id.clone(), secret, peers);
-        let (transport, inbound, peer_service) =
-            Transport::start(transport_config.clone(), peer_api.clone()).map_err(|e| DaemonError::Config {
+        let liveness = Arc::new(Liveness::new(config.node_id, nodes.keys().copied()));
+        let router = peer::inbound_router(peer_api.clone(), liveness.clone());
+        let (transport, peer_service) = Transport::start_routed(transport_config.clone(), peer_api.clone(), router)
+            .map_err(|e| DaemonError::Config {
                 path: "cluster".into(),
                 reason: e.to_string(),
             })?;
         let log_writer = LogWriter::start(log.clone(), transport.clone())
             .map_err(|e| DaemonError::io("starting the log writer thread", e))?;
-        let liveness = Arc::new(Liveness::new(config.node_id, nodes.keys().copied()));
         let catalog = Arc::new(Catalog::load(
             config.node_id,
             &data_dir,
@@ -233,12 +234,7 @@ impl Node {
             }
         })
         .map_err(|e| DaemonError::io("starting the log purge thread", e))?;
-        tokio::spawn(peer::route_inbound(
-            catalog.clone(),
-            transport.clone(),
-            liveness.clone(),
-            inbound,
-        ));
+        tokio::spawn(peer::report_unreachable(catalog.clone(), transport.clone()));
         tokio::spawn(liveness.clone().run(transport.clone()));
         tokio::spawn(telemetry::run_node_gauges(
             catalog.clone(),

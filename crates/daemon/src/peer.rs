@@ -1,14 +1,13 @@
 //! What this node answers to its peers: forwarded volume requests (run on
 //! the local replica, never forwarded again, so a request cannot loop) and
-//! catalog changes. Also the loop that hands inbound Raft messages to the
+//! catalog changes. Also the router that hands inbound Raft messages to the
 //! local groups.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tracing::debug;
-use trireme_transport::{CatalogChange, ForwardReply, ForwardRequest, Inbound, PeerHandler, Transport};
+use trireme_transport::{CatalogChange, ForwardReply, ForwardRequest, Inbound, InboundRouter, PeerHandler, Transport};
 
 use crate::catalog::Catalog;
 use crate::group::{GroupError, GroupEvent};
@@ -53,35 +52,31 @@ impl PeerHandler for PeerApi {
     }
 }
 
-/// Hands inbound Raft messages to their groups, and tells the groups which
-/// peers the transport lost so raft stops pipelining to them.
-pub async fn route_inbound(
-    catalog: Arc<Catalog>,
-    transport: Transport,
-    liveness: Arc<Liveness>,
-    mut inbound: mpsc::Receiver<Inbound>,
-) {
+/// Hands each inbound Raft message to its group, on the peer stream's task
+/// (no routing task in between: one wake-up fewer per message). A message
+/// for a group this node does not run (yet), or whose queue is full, is
+/// dropped; raft retransmits.
+pub fn inbound_router(api: Arc<PeerApi>, liveness: Arc<Liveness>) -> InboundRouter {
+    Arc::new(move |m: Inbound| {
+        liveness.heard(m.from);
+        if m.group_id == NODE_GROUP {
+            return;
+        }
+        if let Some(g) = api.catalog.get().and_then(|c| c.group(m.group_id)) {
+            g.try_send(GroupEvent::Raft(m.message));
+        }
+    })
+}
+
+/// Tells the groups which peers the transport lost, so raft stops
+/// pipelining to them.
+pub async fn report_unreachable(catalog: Arc<Catalog>, transport: Transport) {
     let mut unreachable_check = tokio::time::interval(Duration::from_millis(100));
     loop {
-        tokio::select! {
-            msg = inbound.recv() => {
-                let Some(m) = msg else { break };
-                liveness.heard(m.from);
-                if m.group_id == NODE_GROUP {
-                    continue;
-                }
-                // A message for a group this node does not run (yet) is
-                // dropped; raft retransmits.
-                if let Some(g) = catalog.group(m.group_id) {
-                    g.try_send(GroupEvent::Raft(m.message));
-                }
-            }
-            _ = unreachable_check.tick() => {
-                for peer in transport.take_unreachable() {
-                    for g in catalog.all_groups() {
-                        g.try_send(GroupEvent::Unreachable(peer));
-                    }
-                }
+        unreachable_check.tick().await;
+        for peer in transport.take_unreachable() {
+            for g in catalog.all_groups() {
+                g.try_send(GroupEvent::Unreachable(peer));
             }
         }
     }

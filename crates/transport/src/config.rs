@@ -27,8 +27,9 @@ pub struct TransportConfig {
     /// Raft messages queued per peer before `send` drops (default 4096).
     pub queue_messages_per_peer: usize,
     /// Raft messages received from all peers and not yet taken from the
-    /// inbound receiver; a full queue pushes back on the peers' streams
-    /// (default 16384).
+    /// inbound receiver of [`crate::Transport::start`]; a full queue pushes
+    /// back on the peers' streams (default 16384). Unused with a router
+    /// ([`crate::Transport::start_routed`]), which never queues here.
     pub inbound_queue_messages: usize,
     /// Bound of one TCP connect + HTTP/2 handshake (default 1000 ms).
     pub connect_timeout_ms: u64,

@@ -14,10 +14,11 @@
 //! outgoing Raft batches and unary calls; without it no fault code is
 //! compiled in.
 //!
-//! Driven by: the daemon, which calls [`Transport::start`] inside its tokio
-//! runtime, mounts the returned [`PeerServer`] on its peer listener, feeds
-//! [`Transport::send`] with each replica's outgoing Raft messages, drains the
-//! inbound receiver into the replicas, reports [`Transport::take_unreachable`]
+//! Driven by: the daemon, which calls [`Transport::start_routed`] inside its
+//! tokio runtime with a router that hands each inbound Raft message to its
+//! replica, mounts the returned [`PeerServer`] on its peer listener, feeds
+//! [`Transport::send`] with each replica's outgoing Raft messages, reports
+//! [`Transport::take_unreachable`]
 //! to raft, and implements [`PeerHandler`] for forwarded requests and catalog
 //! changes.
 //!
@@ -51,11 +52,13 @@ pub use crate::config::{DEFAULT_MAX_MESSAGE_BYTES, TransportConfig};
 pub use crate::error::TransportError;
 #[cfg(feature = "faults")]
 pub use crate::faults::{InjectedFaults, MAX_DELAY_MS, NetFaults, NetRule};
-pub use crate::server::{Authenticator, CLUSTER_HEADER, NODE_HEADER, PeerServer, PeerServiceImpl, SECRET_HEADER};
+pub use crate::server::{
+    Authenticator, CLUSTER_HEADER, InboundRouter, NODE_HEADER, PeerServer, PeerServiceImpl, SECRET_HEADER,
+};
 pub use trireme_proto::v1::{CatalogChange, ForwardReply, ForwardRequest};
 
 use crate::sender::{Backoff, DropReason, Outgoing, PeerCounters, SenderCtx};
-use crate::server::ClientAuth;
+use crate::server::{ClientAuth, InboundSink};
 
 /// `ForwardRequest::op` values.
 pub mod op {
@@ -162,6 +165,27 @@ impl Transport {
         config: TransportConfig,
         handler: Arc<H>,
     ) -> Result<(Transport, mpsc::Receiver<Inbound>, PeerServer<H>), TransportError> {
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue_messages);
+        let (transport, server) = Transport::start_with(config, handler, InboundSink::Queue(inbound_tx))?;
+        Ok((transport, inbound_rx, server))
+    }
+
+    /// Like [`Transport::start`], but each inbound Raft message goes to
+    /// `router`, called on the receiving stream's task, instead of a queue:
+    /// the daemon's way, one task hand-off fewer per message.
+    pub fn start_routed<H: PeerHandler>(
+        config: TransportConfig,
+        handler: Arc<H>,
+        router: InboundRouter,
+    ) -> Result<(Transport, PeerServer<H>), TransportError> {
+        Transport::start_with(config, handler, InboundSink::Router(router))
+    }
+
+    fn start_with<H: PeerHandler>(
+        config: TransportConfig,
+        handler: Arc<H>,
+        inbound: InboundSink,
+    ) -> Result<(Transport, PeerServer<H>), TransportError> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| TransportError::Config("Transport::start must be called inside a tokio runtime".into()))?;
@@ -210,14 +234,7 @@ impl Transport {
             );
         }
 
-        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue_messages);
-        let service = PeerServiceImpl::new(
-            config.node_id,
-            handler,
-            inbound_tx,
-            config.max_message_bytes,
-            shutdown_rx,
-        );
+        let service = PeerServiceImpl::new(config.node_id, handler, inbound, config.max_message_bytes, shutdown_rx);
         let server = PeerServiceServer::new(service)
             .max_decoding_message_size(grpc_limit)
             .max_encoding_message_size(grpc_limit);
@@ -243,7 +260,7 @@ impl Transport {
                 faults,
             }),
         };
-        Ok((transport, inbound_rx, server))
+        Ok((transport, server))
     }
 
     /// This node's id.

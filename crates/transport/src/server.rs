@@ -164,11 +164,26 @@ pub(crate) async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Hands each inbound Raft message to its group, on the stream's own task.
+/// It must not block: a group that cannot take a message now drops it (Raft
+/// retransmits).
+pub type InboundRouter = Arc<dyn Fn(Inbound) + Send + Sync>;
+
+/// Where the server puts inbound Raft messages.
+pub(crate) enum InboundSink {
+    /// A bounded queue someone drains: a full one pushes back on the stream.
+    Queue(mpsc::Sender<Inbound>),
+    /// Straight to the groups: one task hand-off fewer on the path of every
+    /// replicated write (the stream's task wakes the group's, instead of a
+    /// routing task's, which then wakes the group's).
+    Router(InboundRouter),
+}
+
 /// The `PeerService` of one node (mounted through [`PeerServer`]).
 pub struct PeerServiceImpl<H> {
     node_id: u64,
     handler: Arc<H>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: InboundSink,
     max_message_bytes: usize,
     shutdown: watch::Receiver<bool>,
 }
@@ -186,7 +201,7 @@ impl<H> PeerServiceImpl<H> {
     pub(crate) fn new(
         node_id: u64,
         handler: Arc<H>,
-        inbound: mpsc::Sender<Inbound>,
+        inbound: InboundSink,
         max_message_bytes: usize,
         shutdown: watch::Receiver<bool>,
     ) -> PeerServiceImpl<H> {
@@ -297,10 +312,17 @@ impl<H: PeerHandler> PeerService for PeerServiceImpl<H> {
                 let Some(inbound) = self.decode(from, gm)? else {
                     continue;
                 };
+                let queue = match &self.inbound {
+                    InboundSink::Router(route) => {
+                        route(inbound);
+                        continue;
+                    }
+                    InboundSink::Queue(queue) => queue,
+                };
                 tokio::select! {
                     biased;
                     () = shutdown_requested(&mut shutdown) => return Ok(Response::new(RaftStreamEnd {})),
-                    sent = self.inbound.send(inbound) => {
+                    sent = queue.send(inbound) => {
                         if sent.is_err() {
                             return Err(Status::unavailable("the node no longer takes raft messages"));
                         }

@@ -186,6 +186,50 @@ fn with_creds<T>(message: T, cluster: &str, node: u64, secret: &str) -> tonic::R
     r
 }
 
+/// The daemon's way: inbound messages go to a router called on the stream's
+/// task, in the order sent, and misaddressed ones never reach it.
+#[tokio::test]
+async fn a_routed_transport_hands_messages_to_its_router_in_order() {
+    init_tracing();
+    let (la, lb) = (listen(any_port()), listen(any_port()));
+    let (pa, pb) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    let a = start_node(config(1, &[(2, pb)]), la);
+    let routed: Arc<Mutex<Vec<Inbound>>> = Arc::default();
+    let sink = routed.clone();
+    let cb = config(2, &[(1, pa)]);
+    let mut builder = server_builder(&cb);
+    let (b, service) = Transport::start_routed(
+        cb,
+        Arc::new(TestHandler::default()),
+        Arc::new(move |m: Inbound| sink.lock().unwrap().push(m)),
+    )
+    .unwrap();
+    let server = tokio::spawn(async move {
+        builder
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(lb))
+            .await
+            .unwrap();
+    });
+    for i in 0..200u64 {
+        a.transport.send(2, 7 + i % 2, raft_msg(1, 2, i, 64));
+    }
+    // Says it is for node 3: dropped by the server, never routed.
+    a.transport.send(2, 7, raft_msg(1, 3, 1000, 0));
+    a.transport.send(2, 7, raft_msg(1, 2, 200, 0));
+    eventually("every message routed", || routed.lock().unwrap().len() >= 201).await;
+    let got: Vec<(u64, u64, u64)> = routed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| (m.from, m.group_id, m.message.index))
+        .collect();
+    let want: Vec<(u64, u64, u64)> = (0..=200u64).map(|i| (1, 7 + (i % 2) * u64::from(i < 200), i)).collect();
+    assert_eq!(got, want);
+    b.shutdown();
+    server.abort();
+}
+
 #[tokio::test]
 async fn raft_messages_flow_in_order_for_every_group_and_batch() {
     let (la, lb) = (listen(any_port()), listen(any_port()));
