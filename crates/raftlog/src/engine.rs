@@ -171,8 +171,9 @@ impl Handle for CountingHandle {
         #[cfg(all(not(test), not(feature = "failpoints")))]
         let result = self.fd.sync();
         if let Err(e) = &result {
-            self.stats.sync_failed.store(true, Ordering::SeqCst);
+            // The error first: whoever sees the flag finds the reason.
             lock(&self.stats.sync_error).get_or_insert_with(|| e.to_string());
+            self.stats.sync_failed.store(true, Ordering::SeqCst);
         }
         result
     }
@@ -749,13 +750,11 @@ impl RaftLogStore for EngineLog {
             // raft-engine from panicking again; the flag says what happened.
             let result = file.sync();
             if result.is_err() || s.stats.sync_failed.load(Ordering::SeqCst) {
-                let reason = match lock(&s.stats.sync_error).as_deref() {
-                    Some(e) => format!("fdatasync failed: {e}"),
-                    None => format!(
-                        "fdatasync failed: {}",
-                        result.err().map_or_else(String::new, |e| e.to_string())
-                    ),
-                };
+                // The handle records every failed fdatasync's error as it sets the flag.
+                let reason = format!(
+                    "fdatasync failed: {}",
+                    lock(&s.stats.sync_error).as_deref().unwrap_or("unknown error")
+                );
                 s.fail(reason.clone());
                 return Err(LogError::Failed {
                     dir: s.dir.clone(),

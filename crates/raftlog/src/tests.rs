@@ -958,16 +958,7 @@ fn appends_are_padded_to_a_page_and_a_crash_image_opens() {
     // ~2 KiB entries, compacted and purged as they go: 200 of them cycle
     // through the recycled 16 KiB files several times.
     for i in 1..=201u64 {
-        let mut e = entry(i, 1);
-        e.data = Bytes::from(format!("padded-{i:06}-").repeat(150));
-        s.write_batch(vec![GroupWrite {
-            group: 1,
-            entries: vec![e],
-            hard_state: Some(hard_state(1, 1, i)),
-            compact_to: (i > 3).then(|| i - 3),
-            ..Default::default()
-        }])
-        .unwrap();
+        steady_append(&s, i, "padded");
         s.purge().unwrap();
     }
     let active = log_files(&f.path()).pop().unwrap();
@@ -1015,6 +1006,21 @@ fn purge_reclaims_compacted_files() {
         "purge: {files_before} files before, {} live after",
         log_files(&f.path()).len()
     );
+}
+
+/// Appends entry `i` (about 2 KiB, tagged) to group 1 with its commit,
+/// compacting to keep the last three entries: a log under steady writes.
+fn steady_append(s: &EngineLog, i: u64, tag: &str) {
+    let mut e = entry(i, 1);
+    e.data = Bytes::from(format!("{tag}-{i:06}-").repeat(150));
+    s.write_batch(vec![GroupWrite {
+        group: 1,
+        entries: vec![e],
+        hard_state: Some(hard_state(1, 1, i)),
+        compact_to: (i > 3).then(|| i - 3),
+        ..Default::default()
+    }])
+    .unwrap();
 }
 
 /// Small files with prefilled files for recycling, as the daemon runs it.
@@ -1101,16 +1107,7 @@ fn a_promptly_purged_log_creates_no_new_files() {
         let at_open = s.new_files();
         // ~2 KiB entries: 200 of them span ~25 of the 16 KiB files.
         for i in 1..=200u64 {
-            let mut e = entry(i, 1);
-            e.data = Bytes::from(format!("steady-{i:06}-").repeat(150));
-            s.write_batch(vec![GroupWrite {
-                group: 1,
-                entries: vec![e],
-                hard_state: Some(hard_state(1, 1, i)),
-                compact_to: (i > 3).then(|| i - 3),
-                ..Default::default()
-            }])
-            .unwrap();
+            steady_append(&s, i, "steady");
             if purge {
                 s.purge().unwrap();
             }
