@@ -1252,13 +1252,13 @@ impl Driver {
     }
 
     fn dispatch(&mut self, out: Output) {
-        for m in out.messages {
-            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
-            self.transport.send(m.to, self.group_id, m);
-            if let Some(to) = snapshot_to {
+        // One write per peer for the whole Ready.
+        self.transport.send_all(self.group_id, &out.messages);
+        for m in &out.messages {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
                 // The snapshot message only carries the point to copy from; the
                 // follower pulls the data itself, so it is "sent" once queued.
-                self.replica.report_snapshot(to, true);
+                self.replica.report_snapshot(m.to, true);
                 self.metrics.snapshot_sends.increment(1);
             }
         }

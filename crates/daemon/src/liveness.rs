@@ -1,5 +1,5 @@
 //! Node liveness: which peers this node has heard from lately. Every node
-//! sends a small heartbeat to each peer on the Raft stream (group 0, which
+//! sends a small heartbeat to each peer on the Raft link (group 0, which
 //! no volume uses); anything received from a peer counts as hearing it.
 //!
 //! It exists so idle Raft groups can hibernate (stop ticking and stop

@@ -260,13 +260,12 @@ impl Node {
                 .await
                 .map_err(|e| DaemonError::io(format!("binding cluster.peer_listen {peer_addr}"), e))?;
             let mut stop = shutdown_rx.clone();
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
             peer_server = Some(tokio::spawn(async move {
-                // The transport's builder adds HTTP/2 keepalive, so streams
-                // from a stopped (SIGSTOP) peer are closed on this side too.
-                let r = trireme_transport::server_builder(&transport_config)
-                    .add_service(peer_service)
-                    .serve_with_incoming_shutdown(incoming, async move {
+                // Raft links and gRPC peer calls share the listener; both
+                // keep alive, so a stopped (SIGSTOP) peer's connections are
+                // closed on this side too.
+                let r = peer_service
+                    .serve(peer_listener, async move {
                         let _ = stop.wait_for(|s| *s).await;
                     })
                     .await;
@@ -363,8 +362,7 @@ impl Node {
         // Every acknowledged write is already in the durable Raft log; a
         // last checkpoint per replica only spares the restart a replay.
         self.catalog.stop_all().await;
-        // Raft streams never end on their own; the peer server's graceful
-        // stop waits for them.
+        // Raft links never end on their own.
         self.transport.shutdown();
         if let Some(p) = self.peer_server {
             let _ = p.await;

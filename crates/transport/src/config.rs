@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::TransportError;
+use crate::wire::{FRAME_HEADER_BYTES, GROUP_ID_BYTES, MAX_HELLO_FIELD_BYTES};
 
 /// Default bound of one message (a raft message, a forwarded request or
 /// reply, a catalog change): 64 MiB.
@@ -24,16 +25,20 @@ pub struct TransportConfig {
     /// The other nodes' peer listeners. Only these node ids are admitted by
     /// the server, and only these can be sent to. Must not contain `node_id`.
     pub peers: BTreeMap<u64, SocketAddr>,
-    /// Raft messages queued per peer before `send` drops (default 4096).
+    /// Raft messages queued per peer, not yet written to its link, before
+    /// `send` drops (default 4096)...
     pub queue_messages_per_peer: usize,
+    /// ...or bytes of them (default 128 MiB; at least one maximal message).
+    pub queue_bytes_per_peer: usize,
     /// Raft messages received from all peers and not yet taken from the
-    /// inbound receiver of [`crate::Transport::start`]; a full queue pushes
-    /// back on the peers' streams (default 16384). Unused with a router
+    /// inbound receiver of [`crate::Transport::start`]; a full queue stops
+    /// the links' reads, which pushes back on the peers (default 16384). Unused with a router
     /// ([`crate::Transport::start_routed`]), which never queues here.
     pub inbound_queue_messages: usize,
-    /// Bound of one TCP connect + HTTP/2 handshake (default 1000 ms).
+    /// Bound of one TCP connect plus the Raft link's hello and its answer,
+    /// or the HTTP/2 handshake (default 1000 ms).
     pub connect_timeout_ms: u64,
-    /// First reconnect delay after a failed connect or a broken stream
+    /// First reconnect delay after a failed connect or a broken link
     /// (default 50 ms); doubles on each further failure...
     pub backoff_initial_ms: u64,
     /// ...up to this (default 1000 ms). Each delay is jittered down to half.
@@ -41,12 +46,13 @@ pub struct TransportConfig {
     /// Deadline of one `forward` or `catalog` call, connect included
     /// (default 10000 ms: a forwarded write may wait out an election).
     pub request_timeout_ms: u64,
-    /// HTTP/2 PING interval on every peer connection, to notice a peer that
-    /// stopped answering (SIGSTOP, dead host) while TCP stays open
-    /// (default 1000 ms).
+    /// Each side of a Raft link sends a PING after this long without
+    /// writing, and HTTP/2 PINGs go out this often on the gRPC connections,
+    /// to notice a peer that stopped answering (SIGSTOP, dead host) while
+    /// TCP stays open (default 1000 ms).
     pub keepalive_interval_ms: u64,
-    /// A connection whose PING is not answered within this is closed
-    /// (default 3000 ms).
+    /// A link that heard nothing for this long, or a gRPC connection whose
+    /// PING is not answered within it, is closed (default 3000 ms).
     pub keepalive_timeout_ms: u64,
     /// Bound of one message in bytes, in both directions: one encoded raft
     /// message, one forwarded request or reply, one catalog change
@@ -68,6 +74,7 @@ impl TransportConfig {
             secret: secret.into(),
             peers,
             queue_messages_per_peer: 4096,
+            queue_bytes_per_peer: 128 << 20,
             inbound_queue_messages: 16384,
             connect_timeout_ms: 1000,
             backoff_initial_ms: 50,
@@ -90,6 +97,11 @@ impl TransportConfig {
         }
         if !self.secret.bytes().all(is_header_char) {
             return bad("secret", "must be printable ASCII characters".into());
+        }
+        for (field, value) in [("cluster_id", &self.cluster_id), ("secret", &self.secret)] {
+            if value.len() > MAX_HELLO_FIELD_BYTES {
+                return bad(field, format!("must be at most {MAX_HELLO_FIELD_BYTES} characters"));
+            }
         }
         if self.secret.is_empty() && !self.peers.is_empty() {
             return bad("secret", "must not be empty when there are peers".into());
@@ -130,6 +142,16 @@ impl TransportConfig {
             return bad(
                 "max_message_bytes",
                 format!("{} is outside 1 KiB ..= 1 GiB", self.max_message_bytes),
+            );
+        }
+        let frame = FRAME_HEADER_BYTES + GROUP_ID_BYTES + self.max_message_bytes;
+        if self.queue_bytes_per_peer < frame {
+            return bad(
+                "queue_bytes_per_peer",
+                format!(
+                    "{} is below one maximal message ({frame} bytes with its framing)",
+                    self.queue_bytes_per_peer
+                ),
             );
         }
         Ok(())

@@ -26,6 +26,12 @@ pub enum TransportError {
     /// the message names the field or peer.
     #[error("invalid network fault rule: {0}")]
     FaultRule(String),
+    /// A peer broke the Raft link's wire protocol; the message says how.
+    #[error("raft link protocol: {0}")]
+    Protocol(String),
+    /// The peer listener could not be served.
+    #[error("peer listener: {0}")]
+    Listener(String),
     /// The request is larger than the message bound.
     #[error("message of {bytes} bytes exceeds the limit of {limit} bytes")]
     TooLarge { bytes: usize, limit: usize },

@@ -1,5 +1,5 @@
 //! Injected network faults (the `faults` feature): a rule table per
-//! destination peer, consulted for every outgoing Raft batch and every
+//! destination peer, consulted for every outgoing Raft message and every
 //! outgoing unary call, so a test's nemesis can partition, slow down, lose
 //! or duplicate traffic between real processes.
 //!
@@ -8,51 +8,42 @@
 //! connected, 1-3 not) a rule pair between 1 and 3.
 //!
 //! What a rule does:
-//! - Raft batches (node heartbeats included, they ride the stream as group
-//!   0): `drop` loses every batch, `loss_percent` each batch independently;
-//!   `delay_ms` holds each batch back by that much plus up to 20% jitter,
-//!   in order (a later batch never overtakes an earlier one);
-//!   `dup_percent` sends a batch twice.
+//! - Raft messages (node heartbeats included, they ride the link as group
+//!   0): `drop` loses every message, `loss_percent` each message
+//!   independently; `delay_ms` holds each message back by that much plus
+//!   up to 20% jitter, in order (a later message never overtakes an
+//!   earlier one); `dup_percent` sends a message twice.
 //! - Unary calls (forwarded I/O, catalog changes, snapshot copy reads):
 //!   `drop` and a lost call fail at once as unreachable, the way a call
 //!   fails when the network is down (not after the request timeout);
 //!   `delay_ms` holds the call back before it goes, within its deadline;
 //!   calls are never duplicated (gRPC over TCP does not duplicate a call).
 //!
-//! The stream keeps its connection while batches are dropped: the loss is
+//! The link keeps its connection while messages are dropped: the loss is
 //! silent, as on a real partition, and the peers notice it only through
 //! missing heartbeats.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::pin::Pin;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::{Instant, Sleep};
-use tokio_stream::Stream;
-
 use crate::TransportError;
-use crate::sender::random_u64;
+use crate::link::random_u64;
 
 /// Largest `delay_ms` a rule may carry: one minute.
 pub const MAX_DELAY_MS: u32 = 60_000;
-/// Delayed batches held per stream before the stream stops taking more
-/// (the sender then waits, and the peer's queue fills and drops as for a
-/// slow peer).
-const MAX_DELAYED_BATCHES: usize = 4096;
 
 /// What happens to traffic towards one peer. All zero/false: nothing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetRule {
     /// Everything is lost.
     pub drop: bool,
-    /// Each batch or call is lost with this probability (0-100).
+    /// Each message or call is lost with this probability (0-100).
     pub loss_percent: u32,
-    /// Each batch or call waits this long, plus up to 20% jitter.
+    /// Each message or call waits this long, plus up to 20% jitter.
     pub delay_ms: u32,
-    /// Each batch is sent twice with this probability (0-100).
+    /// Each message is sent twice with this probability (0-100).
     pub dup_percent: u32,
 }
 
@@ -77,7 +68,7 @@ impl NetRule {
         Ok(())
     }
 
-    /// The delay of one batch or call: `delay_ms` plus 0-20% jitter.
+    /// The delay of one message or call: `delay_ms` plus 0-20% jitter.
     fn delay(&self) -> Duration {
         if self.delay_ms == 0 {
             return Duration::ZERO;
@@ -94,13 +85,13 @@ fn chance(percent: u32) -> bool {
 /// Faults injected towards one peer so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InjectedFaults {
-    /// Batches and calls lost to a `drop` rule.
+    /// Messages and calls lost to a `drop` rule.
     pub dropped: u64,
-    /// Batches and calls lost to `loss_percent`.
+    /// Messages and calls lost to `loss_percent`.
     pub lost: u64,
-    /// Batches and calls held back by `delay_ms`.
+    /// Messages and calls held back by `delay_ms`.
     pub delayed: u64,
-    /// Batches sent twice.
+    /// Messages sent twice.
     pub duplicated: u64,
 }
 
@@ -131,7 +122,7 @@ impl Fault {
     }
 }
 
-/// What becomes of one outgoing batch.
+/// What becomes of one outgoing Raft message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Lost,
@@ -253,8 +244,8 @@ impl NetFaults {
             .increment(1);
     }
 
-    /// Decides the fate of one outgoing Raft batch to `peer`.
-    pub(crate) fn on_batch(&self, peer: u64) -> Verdict {
+    /// Decides the fate of one outgoing Raft message to `peer`.
+    pub(crate) fn on_message(&self, peer: u64) -> Verdict {
         let Some(rule) = self.rule(peer) else {
             return Verdict::Send {
                 copies: 1,
@@ -308,110 +299,11 @@ impl NetFaults {
     }
 }
 
-/// The request stream of one Raft stream with the rules applied: takes
-/// batches from `inner` as soon as they come, drops, duplicates and delays
-/// them, and yields them in order once due.
-pub(crate) struct FaultyBatches<S: Stream> {
-    inner: S,
-    inner_done: bool,
-    faults: std::sync::Arc<NetFaults>,
-    peer: u64,
-    pending: VecDeque<(Instant, S::Item)>,
-    last_due: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
-}
-
-impl<S: Stream> FaultyBatches<S>
-where
-    S::Item: Clone,
-{
-    pub(crate) fn new(inner: S, faults: std::sync::Arc<NetFaults>, peer: u64) -> FaultyBatches<S> {
-        FaultyBatches {
-            inner,
-            inner_done: false,
-            faults,
-            peer,
-            pending: VecDeque::new(),
-            last_due: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        }
-    }
-
-    fn admit(&mut self, batch: S::Item) {
-        let Verdict::Send { copies, delay } = self.faults.on_batch(self.peer) else {
-            return;
-        };
-        // Jitter must not reorder: a batch is never due before the one
-        // ahead of it.
-        let mut due = Instant::now() + delay;
-        if let Some(last) = self.last_due {
-            due = due.max(last);
-        }
-        self.last_due = Some(due);
-        if copies > 1 {
-            self.pending.push_back((due, batch.clone()));
-        }
-        self.pending.push_back((due, batch));
-    }
-}
-
-impl<S: Stream + Unpin> Stream for FaultyBatches<S>
-where
-    S::Item: Clone + Unpin,
-{
-    type Item = S::Item;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = self.get_mut();
-        // Take everything offered now, so a batch's delay runs from when the
-        // sender handed it over, not from when the one ahead of it left.
-        while !this.inner_done && this.pending.len() < MAX_DELAYED_BATCHES {
-            match Pin::new(&mut this.inner).poll_next(cx) {
-                Poll::Ready(Some(batch)) => this.admit(batch),
-                Poll::Ready(None) => this.inner_done = true,
-                Poll::Pending => break,
-            }
-        }
-        let Some(&(due, _)) = this.pending.front() else {
-            return if this.inner_done {
-                Poll::Ready(None)
-            } else {
-                Poll::Pending
-            };
-        };
-        if due > Instant::now() {
-            this.timer.as_mut().reset(due);
-            if this.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-        }
-        Poll::Ready(this.pending.pop_front().map(|(_, batch)| batch))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use tokio::sync::mpsc;
-    use tokio_stream::StreamExt;
-    use tokio_stream::wrappers::ReceiverStream;
-    use trireme_proto::v1::{GroupMessage, RaftBatch};
-
     use super::*;
-
-    fn batch(n: u64) -> RaftBatch {
-        RaftBatch {
-            messages: vec![GroupMessage {
-                group_id: n,
-                message: Default::default(),
-            }],
-        }
-    }
-
-    fn id(b: &RaftBatch) -> u64 {
-        b.messages[0].group_id
-    }
 
     fn faults() -> Arc<NetFaults> {
         Arc::new(NetFaults::new(1, [2, 3]))
@@ -504,83 +396,8 @@ mod tests {
             },
         )
         .unwrap();
-        let lost = (0..2000).filter(|_| f.on_batch(2) == Verdict::Lost).count();
+        let lost = (0..2000).filter(|_| f.on_message(2) == Verdict::Lost).count();
         assert!((400..800).contains(&lost), "{lost} of 2000 lost at 30%");
         assert_eq!(f.injected(2).unwrap().lost, lost as u64);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn delayed_batches_keep_their_order_and_their_delay() {
-        let f = faults();
-        f.set(
-            &[2],
-            NetRule {
-                delay_ms: 100,
-                ..NetRule::default()
-            },
-        )
-        .unwrap();
-        let (tx, rx) = mpsc::channel(1);
-        let mut out = FaultyBatches::new(ReceiverStream::new(rx), f.clone(), 2);
-        let started = Instant::now();
-        let feeder = tokio::spawn(async move {
-            for n in 0..50 {
-                tx.send(batch(n)).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-        });
-        let mut seen = Vec::new();
-        while let Some(b) = out.next().await {
-            let n = id(&b);
-            let elapsed = started.elapsed();
-            // Sent at n*3 ms, due 100-120 ms later (or when the one ahead was).
-            assert!(
-                elapsed >= Duration::from_millis(n * 3 + 100),
-                "batch {n} at {elapsed:?}"
-            );
-            assert!(
-                elapsed <= Duration::from_millis(n * 3 + 125),
-                "batch {n} at {elapsed:?}"
-            );
-            seen.push(n);
-        }
-        feeder.await.unwrap();
-        assert_eq!(seen, (0..50).collect::<Vec<_>>());
-        assert_eq!(f.injected(2).unwrap().delayed, 50);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn dropped_and_duplicated_batches() {
-        let f = faults();
-        let (tx, rx) = mpsc::channel(16);
-        let mut out = FaultyBatches::new(ReceiverStream::new(rx), f.clone(), 2);
-        tx.send(batch(0)).await.unwrap();
-        assert_eq!(id(&out.next().await.unwrap()), 0, "no rule: passes through");
-        f.set(
-            &[2],
-            NetRule {
-                drop: true,
-                ..NetRule::default()
-            },
-        )
-        .unwrap();
-        tx.send(batch(1)).await.unwrap();
-        // Polled while the drop rule holds: taken and lost.
-        let nothing = tokio::time::timeout(Duration::from_millis(10), out.next()).await;
-        assert!(nothing.is_err(), "a dropped batch came out");
-        f.set(
-            &[2],
-            NetRule {
-                dup_percent: 100,
-                ..NetRule::default()
-            },
-        )
-        .unwrap();
-        tx.send(batch(2)).await.unwrap();
-        drop(tx);
-        let rest: Vec<u64> = out.map(|b| id(&b)).collect().await;
-        assert_eq!(rest, vec![2, 2]);
-        let n = f.injected(2).unwrap();
-        assert_eq!((n.dropped, n.duplicated), (1, 1));
     }
 }

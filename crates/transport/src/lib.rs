@@ -1,38 +1,39 @@
 //! The peer transport between the triremed nodes of one cluster.
 //!
-//! Owns: the `trireme.v1.PeerService` wire protocol on both ends (see
-//! `proto/trireme/v1/peer.proto`): one long-lived gRPC client stream per
-//! ordered node pair carrying the Raft messages of every group in batches,
-//! unary calls forwarding volume I/O to a group's leader and pushing catalog
-//! changes, the per-peer send queues and their sender tasks (lazy connect,
-//! reconnect with capped exponential backoff and jitter), authentication of
-//! every call (cluster id, shared secret compared in constant time, node id
-//! among the configured peers), size bounds on every message, and the
-//! transport's metrics. With the `faults` feature (tests only: triremed's
-//! `failpoints` feature turns it on) it also owns [`NetFaults`], a rule
-//! table per destination peer that drops, loses, delays or duplicates the
-//! outgoing Raft batches and unary calls; without it no fault code is
-//! compiled in.
+//! Owns: the Raft links (one TCP connection per ordered node pair carrying
+//! the Raft messages of every group, in the length-prefixed format of
+//! [`wire`]; see there for why it is not gRPC), the `trireme.v1.PeerService`
+//! gRPC calls on the same listener (forwarding volume I/O to a group's
+//! leader, pushing catalog changes; see `proto/trireme/v1/peer.proto`),
+//! lazy connect and reconnect with capped exponential backoff and jitter,
+//! keepalive on both, authentication of every link and call (cluster id,
+//! shared secret compared in constant time, node id among the configured
+//! peers), size bounds on every message and queue, and the transport's
+//! metrics. With the `faults` feature (tests only: triremed's `failpoints`
+//! feature turns it on) it also owns [`NetFaults`], a rule table per
+//! destination peer that drops, loses, delays or duplicates the outgoing
+//! Raft messages and unary calls; without it no fault code is compiled in.
 //!
 //! Driven by: the daemon, which calls [`Transport::start_routed`] inside its
 //! tokio runtime with a router that hands each inbound Raft message to its
-//! replica, mounts the returned [`PeerServer`] on its peer listener, feeds
-//! [`Transport::send`] with each replica's outgoing Raft messages, reports
-//! [`Transport::take_unreachable`]
-//! to raft, and implements [`PeerHandler`] for forwarded requests and catalog
-//! changes.
+//! replica, runs the returned [`PeerServer`] on its peer listener, calls
+//! [`Transport::send`] (from group tasks and log writer threads alike) with
+//! each replica's outgoing Raft messages, reports
+//! [`Transport::take_unreachable`] to raft, and implements [`PeerHandler`]
+//! for forwarded requests and catalog changes.
 //!
 //! Must never depend on: NBD, storage, the replica state machine or the
 //! daemon's internals. It moves opaque raft messages and protocol structs;
 //! what they mean is the caller's business.
 
-mod codec;
 mod config;
 mod error;
 #[cfg(feature = "faults")]
 mod faults;
-mod sender;
+mod inbound;
+mod link;
 mod server;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -41,7 +42,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -52,13 +52,13 @@ pub use crate::config::{DEFAULT_MAX_MESSAGE_BYTES, TransportConfig};
 pub use crate::error::TransportError;
 #[cfg(feature = "faults")]
 pub use crate::faults::{InjectedFaults, MAX_DELAY_MS, NetFaults, NetRule};
-pub use crate::server::{
-    Authenticator, CLUSTER_HEADER, InboundRouter, NODE_HEADER, PeerServer, PeerServiceImpl, SECRET_HEADER,
-};
+pub use crate::inbound::InboundRouter;
+pub use crate::server::{Authenticator, CLUSTER_HEADER, NODE_HEADER, PeerServer, SECRET_HEADER};
 pub use trireme_proto::v1::{CatalogChange, ForwardReply, ForwardRequest};
 
-use crate::sender::{Backoff, DropReason, Outgoing, PeerCounters, SenderCtx};
-use crate::server::{ClientAuth, InboundSink};
+use crate::inbound::{InboundSink, Links};
+use crate::link::{Link, LinkConfig};
+use crate::server::{ClientAuth, PeerServiceImpl};
 
 /// `ForwardRequest::op` values.
 pub mod op {
@@ -99,23 +99,24 @@ pub trait PeerHandler: Send + Sync + 'static {
 /// Counters of one peer's sending side, since [`Transport::start`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeerStats {
-    /// Raft messages handed to the peer's stream.
+    /// Raft messages queued for the peer's link.
     pub messages_sent: u64,
     /// Raft messages dropped: queue full, peer unreachable, oversized.
     pub messages_dropped: u64,
-    /// `RaftBatch`es handed to the peer's stream.
-    pub batches_sent: u64,
-    /// Streams opened (connections made).
+    /// Writes to the link's socket (each carries every message queued
+    /// when it was made).
+    pub writes: u64,
+    /// Links opened (connections the peer accepted).
     pub connects: u64,
-    /// Streams opened after an earlier one ended.
+    /// Links opened after an earlier one ended.
     pub reconnects: u64,
-    /// Connection attempts that failed.
+    /// Connection attempts that failed or were refused.
     pub connect_failures: u64,
-    /// Open streams that broke.
+    /// Open links that broke.
     pub stream_breaks: u64,
 }
 
-/// A cloneable handle on the node's peer transport. The sender tasks end
+/// A cloneable handle on the node's peer transport. The link tasks end
 /// when every handle is dropped, or at [`Transport::shutdown`].
 #[derive(Clone)]
 pub struct Transport {
@@ -135,11 +136,16 @@ struct Inner {
     faults: Arc<NetFaults>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
 struct PeerLink {
-    queue: mpsc::Sender<Outgoing>,
-    counters: Arc<PeerCounters>,
-    /// For forward and catalog calls: its own connection, made lazily and
-    /// remade by tonic, so a busy Raft stream never delays them.
+    link: Arc<Link>,
+    /// For forward and catalog calls: a gRPC connection of its own, made
+    /// lazily and remade by tonic, so busy Raft traffic never delays them.
     client: PeerServiceClient<Channel>,
 }
 
@@ -153,14 +159,13 @@ impl std::fmt::Debug for Transport {
 }
 
 impl Transport {
-    /// Starts a sender task per peer (connecting lazily, on its first
-    /// message; reconnecting with exponential backoff and jitter; one client
-    /// stream per peer; every message queued at the moment goes out in one
-    /// `RaftBatch`, split only past 4 MiB). Returns the handle, the inbound
-    /// Raft receiver (bounded by `inbound_queue_messages`: a full one pushes
-    /// back on the peers' streams) and the service to mount on the node's
-    /// peer listener (see [`server_builder`]). Must be called inside a tokio
-    /// runtime; the error names a bad config field.
+    /// Starts a link task per peer (connecting lazily, on its first
+    /// message; reconnecting with exponential backoff and jitter). Returns
+    /// the handle, the inbound Raft receiver (bounded by
+    /// `inbound_queue_messages`: a full one stops reading the links, which
+    /// pushes back on the peers) and the server to run on the node's peer
+    /// listener. Must be called inside a tokio runtime; the error names a
+    /// bad config field.
     pub fn start<H: PeerHandler>(
         config: TransportConfig,
         handler: Arc<H>,
@@ -171,7 +176,7 @@ impl Transport {
     }
 
     /// Like [`Transport::start`], but each inbound Raft message goes to
-    /// `router`, called on the receiving stream's task, instead of a queue:
+    /// `router`, called on the receiving link's task, instead of a queue:
     /// the daemon's way, one task hand-off fewer per message.
     pub fn start_routed<H: PeerHandler>(
         config: TransportConfig,
@@ -195,47 +200,48 @@ impl Transport {
         let grpc_limit = config.grpc_message_limit();
         #[cfg(feature = "faults")]
         let faults = Arc::new(NetFaults::new(config.node_id, config.peers.keys().copied()));
+        let mut hello = Vec::new();
+        wire::encode_hello(
+            &mut hello,
+            &wire::Hello {
+                node_id: config.node_id,
+                cluster_id: config.cluster_id.as_bytes().to_vec(),
+                secret: config.secret.as_bytes().to_vec(),
+            },
+        )?;
+        let hello = bytes::Bytes::from(hello);
 
         let mut peers = BTreeMap::new();
         for (&peer, addr) in &config.peers {
-            let endpoint = endpoint(&config, *addr)?;
-            let counters = Arc::new(PeerCounters::new(peer));
-            let (queue, rx) = mpsc::channel(config.queue_messages_per_peer);
-            let ctx = SenderCtx {
-                peer,
-                node_id: config.node_id,
-                endpoint: endpoint.clone(),
-                auth: auth.clone(),
-                counters: counters.clone(),
-                unreachable: unreachable.clone(),
-                shutdown: shutdown_rx.clone(),
-                connect_timeout: config.connect_timeout(),
-                backoff: Backoff::new(
-                    Duration::from_millis(config.backoff_initial_ms),
-                    Duration::from_millis(config.backoff_max_ms),
-                ),
-                max_message_bytes: config.max_message_bytes,
-                grpc_limit,
-                take_at_once: config.queue_messages_per_peer,
+            let link = Arc::new(Link::new(
+                LinkConfig {
+                    peer,
+                    node_id: config.node_id,
+                    addr: *addr,
+                    hello: hello.clone(),
+                    max_message_bytes: config.max_message_bytes,
+                    queue_messages: config.queue_messages_per_peer,
+                    queue_bytes: config.queue_bytes_per_peer,
+                    connect_timeout: config.connect_timeout(),
+                    keepalive_interval: Duration::from_millis(config.keepalive_interval_ms),
+                    keepalive_timeout: Duration::from_millis(config.keepalive_timeout_ms),
+                    backoff: (
+                        Duration::from_millis(config.backoff_initial_ms),
+                        Duration::from_millis(config.backoff_max_ms),
+                    ),
+                },
+                unreachable.clone(),
                 #[cfg(feature = "faults")]
-                faults: faults.clone(),
-            };
-            runtime.spawn(sender::run(ctx, rx));
-            let client = PeerServiceClient::new(endpoint.connect_lazy())
+                faults.clone(),
+            ));
+            runtime.spawn(link::run(link.clone(), shutdown_rx.clone()));
+            let client = PeerServiceClient::new(endpoint(&config, *addr)?.connect_lazy())
                 .max_encoding_message_size(grpc_limit)
                 .max_decoding_message_size(grpc_limit);
-            peers.insert(
-                peer,
-                PeerLink {
-                    queue,
-                    counters,
-                    client,
-                },
-            );
+            peers.insert(peer, PeerLink { link, client });
         }
 
-        let service = PeerServiceImpl::new(config.node_id, handler, inbound, config.max_message_bytes, shutdown_rx);
-        let server = PeerServiceServer::new(service)
+        let grpc = PeerServiceServer::new(PeerServiceImpl::new(handler))
             .max_decoding_message_size(grpc_limit)
             .max_encoding_message_size(grpc_limit);
         let authenticator = Authenticator::new(
@@ -244,7 +250,23 @@ impl Transport {
             &config.secret,
             config.peers.keys().copied().collect(),
         );
-        let server = tonic::service::interceptor::InterceptedService::new(server, authenticator);
+        let grpc = tonic::service::interceptor::InterceptedService::new(grpc, authenticator.clone());
+        let links = Links {
+            node_id: config.node_id,
+            auth: authenticator,
+            sink: inbound,
+            max_message_bytes: config.max_message_bytes,
+            handshake_timeout: config.connect_timeout().max(Duration::from_secs(1)),
+            keepalive_interval: Duration::from_millis(config.keepalive_interval_ms),
+            keepalive_timeout: Duration::from_millis(config.keepalive_timeout_ms),
+            shutdown: shutdown_rx,
+        };
+        let server = PeerServer::new(
+            grpc,
+            links,
+            Duration::from_millis(config.keepalive_interval_ms),
+            Duration::from_millis(config.keepalive_timeout_ms),
+        );
 
         let transport = Transport {
             inner: Arc::new(Inner {
@@ -268,13 +290,33 @@ impl Transport {
         self.inner.node_id
     }
 
-    /// Queues a Raft message for peer `to`; never blocks. When the peer's
-    /// queue is full the message is dropped, counted, and the peer is
-    /// reported by [`Transport::take_unreachable`] (Raft retransmits). A
-    /// message for a node that is not a configured peer is dropped and
-    /// counted too.
+    /// Sends a Raft message to peer `to`; never blocks. When the link is
+    /// free the message is written to its socket by the caller, at once;
+    /// otherwise it is queued behind what waits. Past the queue's bounds
+    /// the message is dropped, counted, and the peer is reported by
+    /// [`Transport::take_unreachable`] (Raft retransmits). A message for a
+    /// node that is not a configured peer is dropped and counted too.
     pub fn send(&self, to: u64, group_id: u64, message: raft::eraftpb::Message) {
-        let Some(link) = self.inner.peers.get(&to) else {
+        if let Some(link) = self.link(to, group_id) {
+            link.send(group_id, &message);
+        }
+    }
+
+    /// Sends many messages of one group, each to its `to`, with one write
+    /// per peer.
+    pub fn send_all(&self, group_id: u64, messages: &[raft::eraftpb::Message]) {
+        let mut peers: Vec<u64> = messages.iter().map(|m| m.to).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        for to in peers {
+            if let Some(link) = self.link(to, group_id) {
+                link.send_many(messages.iter().filter(|m| m.to == to).map(|m| (group_id, m)));
+            }
+        }
+    }
+
+    fn link(&self, to: u64, group_id: u64) -> Option<&Link> {
+        let Some(peer) = self.inner.peers.get(&to) else {
             self.inner.unknown_dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("trireme_transport_messages_dropped_total", "peer" => to.to_string(), "reason" => "unknown_peer")
                 .increment(1);
@@ -284,23 +326,12 @@ impl Transport {
                 group_id,
                 "raft message for an unknown peer dropped"
             );
-            return;
+            return None;
         };
-        match link.queue.try_send(Outgoing { group_id, message }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                link.counters.dropped(DropReason::QueueFull, 1);
-                self.inner
-                    .unreachable
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(to);
-            }
-            Err(TrySendError::Closed(_)) => link.counters.dropped(DropReason::Closed, 1),
-        }
+        Some(&peer.link)
     }
 
-    /// Peers whose stream broke, whose connection failed, or whose queue
+    /// Peers whose link broke, whose connection failed, or whose queue
     /// overflowed since the last call, so the caller can
     /// `report_unreachable` them to raft. Ascending node ids.
     pub fn take_unreachable(&self) -> Vec<u64> {
@@ -369,7 +400,7 @@ impl Transport {
 
     /// Sending-side counters of peer `to`, None if it is not a peer.
     pub fn peer_stats(&self, to: u64) -> Option<PeerStats> {
-        self.inner.peers.get(&to).map(|l| l.counters.snapshot())
+        self.inner.peers.get(&to).map(|l| l.link.counters.snapshot())
     }
 
     /// The injected network fault rules of this node (the `faults` feature).
@@ -383,10 +414,9 @@ impl Transport {
         self.inner.unknown_dropped.load(Ordering::Relaxed)
     }
 
-    /// Ends every sender task (closing its stream) and every inbound Raft
-    /// stream this node's [`PeerServer`] is serving, so that a graceful
-    /// server shutdown is not held up by the long-lived streams. Forward and
-    /// catalog calls still work until the server stops.
+    /// Ends every link task (closing its connection) and every inbound
+    /// link this node's [`PeerServer`] is serving. Forward and catalog
+    /// calls still work until the server stops.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
     }
@@ -408,34 +438,15 @@ fn endpoint(config: &TransportConfig, addr: SocketAddr) -> Result<Endpoint, Tran
         .max_frame_size(MAX_FRAME_BYTES))
 }
 
-/// HTTP/2 flow-control windows. h2's default of 64 KiB makes a 1 MiB Raft
-/// append wait for 16 window updates; replication streams want a window
-/// of several maximum-size messages in flight.
+/// HTTP/2 flow-control windows. h2's default of 64 KiB makes a forwarded
+/// 1 MiB write wait for 16 window updates.
 const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 
 /// The largest HTTP/2 frame each side accepts. h2's default of 16 KiB
-/// splits a 1 MiB Raft append into 64 DATA frames, and the receiver reads
-/// a frame at a time: 64 read and 64 write syscalls per MiB on each link.
-/// 256 KiB frames move it in four of each. Larger frames measured no
-/// faster: tonic copies the part of a message that came with its first
-/// frame once more when it sizes its buffer for the whole message, and a
-/// large frame also holds up small messages to other groups on the same
-/// connection for longer.
+/// splits a forwarded 1 MiB write into 64 DATA frames, each read and
+/// written by its own syscall; 256 KiB frames move it in four.
 const MAX_FRAME_BYTES: u32 = 256 * 1024;
-
-/// A tonic server builder for the peer listener, with the same HTTP/2
-/// keepalive as the clients (so a stopped peer's streams are closed on this
-/// side too) and no Nagle. Mount the [`PeerServer`] on it.
-pub fn server_builder(config: &TransportConfig) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_millis(config.keepalive_interval_ms)))
-        .http2_keepalive_timeout(Some(Duration::from_millis(config.keepalive_timeout_ms)))
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,25 +1,29 @@
-//! The receiving side: authentication of every call (an interceptor, so it
-//! runs on the request headers before any message is read) and the
-//! `PeerService` implementation that hands Raft messages to the inbound
-//! queue and requests to the [`PeerHandler`].
+//! The peer listener: tells the Raft links (see `wire`) from gRPC
+//! connections by their first byte, and serves both; authentication of
+//! every gRPC call (an interceptor, so it runs on the request headers
+//! before any message is read) and of every link's hello, with one check;
+//! the `PeerService` implementation that hands forwarded requests and
+//! catalog changes to the [`PeerHandler`].
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use protobuf::Message as _;
-use raft::eraftpb::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 use trireme_proto::v1::peer_service_server::{PeerService, PeerServiceServer};
-use trireme_proto::v1::{
-    CatalogChange, CatalogReply, ForwardReply, ForwardRequest, GroupMessage, RaftBatch, RaftStreamEnd,
-};
+use trireme_proto::v1::{CatalogChange, CatalogReply, ForwardReply, ForwardRequest};
 
-use crate::{Inbound, PeerHandler, TransportError};
+use crate::inbound::Links;
+use crate::wire::MAGIC;
+use crate::{PeerHandler, TransportError};
 
 /// gRPC metadata key: the sender's cluster id.
 pub const CLUSTER_HEADER: &str = "x-trireme-cluster";
@@ -28,9 +32,93 @@ pub const NODE_HEADER: &str = "x-trireme-node";
 /// gRPC metadata key: the shared cluster secret.
 pub const SECRET_HEADER: &str = "x-trireme-secret";
 
-/// The service to mount on the node's peer listener:
-/// `tonic::transport::Server::builder().add_service(server)`.
-pub type PeerServer<H> = InterceptedService<PeerServiceServer<PeerServiceImpl<H>>, Authenticator>;
+/// Everything served on a node's peer listener: the Raft links and the
+/// gRPC `PeerService`. Returned by [`crate::Transport::start`]; run it with
+/// [`PeerServer::serve`].
+pub struct PeerServer<H> {
+    grpc: InterceptedService<PeerServiceServer<PeerServiceImpl<H>>, Authenticator>,
+    links: Arc<Links>,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+}
+
+impl<H> std::fmt::Debug for PeerServer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerServer")
+            .field("node_id", &self.links.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accepted connections waiting for tonic to take them.
+const GRPC_ACCEPT_QUEUE: usize = 64;
+
+impl<H: PeerHandler> PeerServer<H> {
+    pub(crate) fn new(
+        grpc: InterceptedService<PeerServiceServer<PeerServiceImpl<H>>, Authenticator>,
+        links: Links,
+        keepalive_interval: Duration,
+        keepalive_timeout: Duration,
+    ) -> PeerServer<H> {
+        PeerServer {
+            grpc,
+            links: Arc::new(links),
+            keepalive_interval,
+            keepalive_timeout,
+        }
+    }
+
+    /// Serves `listener` until `signal` resolves: each connection that
+    /// opens with the Raft link magic is a link (ended by
+    /// [`crate::Transport::shutdown`] or by its peer); any other is gRPC,
+    /// which stops gracefully on `signal`. A connection that sends nothing
+    /// within the handshake timeout is closed.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), TransportError> {
+        let (grpc_tx, grpc_rx) = mpsc::channel::<Result<TcpStream, std::io::Error>>(GRPC_ACCEPT_QUEUE);
+        let links = self.links.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let (stream, remote) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        warn!("peer listener accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (links, grpc_tx) = (links.clone(), grpc_tx.clone());
+                tokio::spawn(async move {
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(links.handshake_timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(1)) if first[0] == MAGIC[0] => links.serve(stream, remote).await,
+                        Ok(Ok(1)) => {
+                            let _ = grpc_tx.send(Ok(stream)).await;
+                        }
+                        // Closed, failed or silent: nothing to serve.
+                        _ => debug!(%remote, "peer connection closed before it said anything"),
+                    }
+                });
+            }
+        });
+        let served = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(self.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.keepalive_timeout))
+            .initial_stream_window_size(crate::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(crate::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(crate::MAX_FRAME_BYTES)
+            .add_service(self.grpc)
+            .serve_with_incoming_shutdown(ReceiverStream::new(grpc_rx), signal)
+            .await;
+        accept.abort();
+        served.map_err(|e| TransportError::Listener(e.to_string()))
+    }
+}
 
 /// The identity the [`Authenticator`] admitted, for the handlers.
 #[derive(Debug, Clone, Copy)]
@@ -72,15 +160,9 @@ impl Authenticator {
         let cluster = md
             .get(CLUSTER_HEADER)
             .ok_or_else(|| format!("missing {CLUSTER_HEADER} metadata"))?;
-        if cluster.as_bytes() != self.cluster_id.as_bytes() {
-            return Err(format!("{CLUSTER_HEADER} does not match this node's cluster id"));
-        }
         let secret = md
             .get(SECRET_HEADER)
             .ok_or_else(|| format!("missing {SECRET_HEADER} metadata"))?;
-        if !constant_time_eq(secret.as_bytes(), &self.secret) {
-            return Err(format!("{SECRET_HEADER} is not this cluster's secret"));
-        }
         let node = md
             .get(NODE_HEADER)
             .ok_or_else(|| format!("missing {NODE_HEADER} metadata"))?;
@@ -89,6 +171,18 @@ impl Authenticator {
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
             .ok_or_else(|| format!("{NODE_HEADER} is not a node id"))?;
+        self.check_fields(cluster.as_bytes(), secret.as_bytes(), node)
+    }
+
+    /// The one check behind gRPC calls and Raft link hellos: the admitted
+    /// node id, or the name of the failed check (never the secret).
+    pub(crate) fn check_fields(&self, cluster: &[u8], secret: &[u8], node: u64) -> Result<u64, String> {
+        if cluster != self.cluster_id.as_bytes() {
+            return Err("the cluster id does not match this node's cluster id".into());
+        }
+        if !constant_time_eq(secret, &self.secret) {
+            return Err("the secret is not this cluster's secret".into());
+        }
         if !self.peers.contains(&node) {
             return Err(format!("node {node} is not a configured peer of node {}", self.node_id));
         }
@@ -156,117 +250,14 @@ impl ClientAuth {
     }
 }
 
-/// Waits until shutdown is requested; never returns if the sender is gone
-/// without requesting it.
-pub(crate) async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|stop| *stop).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Hands each inbound Raft message to its group, on the stream's own task.
-/// It must not block: a group that cannot take a message now drops it (Raft
-/// retransmits).
-pub type InboundRouter = Arc<dyn Fn(Inbound) + Send + Sync>;
-
-/// Where the server puts inbound Raft messages.
-pub(crate) enum InboundSink {
-    /// A bounded queue someone drains: a full one pushes back on the stream.
-    Queue(mpsc::Sender<Inbound>),
-    /// Straight to the groups: one task hand-off fewer on the path of every
-    /// replicated write (the stream's task wakes the group's, instead of a
-    /// routing task's, which then wakes the group's).
-    Router(InboundRouter),
-}
-
-/// The `PeerService` of one node (mounted through [`PeerServer`]).
-pub struct PeerServiceImpl<H> {
-    node_id: u64,
+/// The `PeerService` of one node: forwarded requests and catalog changes.
+pub(crate) struct PeerServiceImpl<H> {
     handler: Arc<H>,
-    inbound: InboundSink,
-    max_message_bytes: usize,
-    shutdown: watch::Receiver<bool>,
-}
-
-impl<H> std::fmt::Debug for PeerServiceImpl<H> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerServiceImpl")
-            .field("node_id", &self.node_id)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .finish_non_exhaustive()
-    }
 }
 
 impl<H> PeerServiceImpl<H> {
-    pub(crate) fn new(
-        node_id: u64,
-        handler: Arc<H>,
-        inbound: InboundSink,
-        max_message_bytes: usize,
-        shutdown: watch::Receiver<bool>,
-    ) -> PeerServiceImpl<H> {
-        PeerServiceImpl {
-            node_id,
-            handler,
-            inbound,
-            max_message_bytes,
-            shutdown,
-        }
-    }
-
-    /// Bounds, parses and checks one raft message. `Err` ends the stream
-    /// (an oversized message); `Ok(None)` drops just this message.
-    ///
-    /// rust-protobuf 2.28 has RUSTSEC-2024-0437 (stack overflow on crafted
-    /// input) and no fixed 2.x release. Here: the payload is bounded before
-    /// parsing; eraftpb's own nesting is at most 4 deep (Message, Snapshot,
-    /// SnapshotMetadata, ConfState); 2.28 skips an unknown group without
-    /// recursing (a group inside it is a parse error); and every sender is
-    /// an authenticated member. A test sends such payloads.
-    fn decode(&self, from: u64, gm: GroupMessage) -> Result<Option<Inbound>, Status> {
-        if gm.message.len() > self.max_message_bytes {
-            metrics::counter!("trireme_transport_inbound_dropped_total", "peer" => from.to_string(), "reason" => "oversized")
-                .increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "raft message of {} bytes for group {} exceeds the limit of {} bytes",
-                gm.message.len(),
-                gm.group_id,
-                self.max_message_bytes
-            )));
-        }
-        // Entry payloads stay slices of the received buffer (no copy).
-        let message = match Message::parse_from_carllerche_bytes(&gm.message) {
-            Ok(m) => m,
-            Err(e) => {
-                metrics::counter!("trireme_transport_inbound_dropped_total", "peer" => from.to_string(), "reason" => "corrupt")
-                    .increment(1);
-                warn!(
-                    node = self.node_id,
-                    from,
-                    group = gm.group_id,
-                    "dropping undecodable raft message: {e}"
-                );
-                return Ok(None);
-            }
-        };
-        if message.from != from || message.to != self.node_id {
-            metrics::counter!("trireme_transport_inbound_dropped_total", "peer" => from.to_string(), "reason" => "misaddressed")
-                .increment(1);
-            warn!(
-                node = self.node_id,
-                from,
-                group = gm.group_id,
-                msg_from = message.from,
-                msg_to = message.to,
-                "dropping raft message whose from/to do not match the stream"
-            );
-            return Ok(None);
-        }
-        Ok(Some(Inbound {
-            from,
-            group_id: gm.group_id,
-            message,
-        }))
+    pub(crate) fn new(handler: Arc<H>) -> PeerServiceImpl<H> {
+        PeerServiceImpl { handler }
     }
 }
 
@@ -280,60 +271,6 @@ fn authenticated<T>(request: &Request<T>) -> Result<u64, Status> {
 
 #[tonic::async_trait]
 impl<H: PeerHandler> PeerService for PeerServiceImpl<H> {
-    async fn raft(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<RaftStreamEnd>, Status> {
-        let from = authenticated(&request)?;
-        debug!(node = self.node_id, from, "raft stream opened");
-        let peer_label = from.to_string();
-        let mut stream = request.into_inner();
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            let next = tokio::select! {
-                biased;
-                () = shutdown_requested(&mut shutdown) => break,
-                next = stream.message() => next,
-            };
-            let batch = match next {
-                Ok(Some(batch)) => batch,
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(node = self.node_id, from, "raft stream ended: {status}");
-                    return Err(status);
-                }
-            };
-            metrics::counter!("trireme_transport_messages_received_total", "peer" => peer_label.clone())
-                .increment(batch.messages.len() as u64);
-            tracing::trace!(
-                node = self.node_id,
-                from,
-                messages = batch.messages.len(),
-                "raft batch received"
-            );
-            for gm in batch.messages {
-                let Some(inbound) = self.decode(from, gm)? else {
-                    continue;
-                };
-                let queue = match &self.inbound {
-                    InboundSink::Router(route) => {
-                        route(inbound);
-                        continue;
-                    }
-                    InboundSink::Queue(queue) => queue,
-                };
-                tokio::select! {
-                    biased;
-                    () = shutdown_requested(&mut shutdown) => return Ok(Response::new(RaftStreamEnd {})),
-                    sent = queue.send(inbound) => {
-                        if sent.is_err() {
-                            return Err(Status::unavailable("the node no longer takes raft messages"));
-                        }
-                    }
-                }
-            }
-        }
-        debug!(node = self.node_id, from, "raft stream closed");
-        Ok(Response::new(RaftStreamEnd {}))
-    }
-
     async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<ForwardReply>, Status> {
         let from = authenticated(&request)?;
         Ok(Response::new(self.handler.forward(from, request.into_inner()).await))

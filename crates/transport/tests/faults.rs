@@ -1,6 +1,6 @@
-//! Injected network faults (the `faults` feature) over real tonic on
-//! 127.0.0.1: rules act on the live stream and on unary calls, and clearing
-//! them restores the traffic. Every wait is bounded by a deadline.
+//! Injected network faults (the `faults` feature) over real sockets on
+//! 127.0.0.1: rules act on the live Raft link and on unary calls, and
+//! clearing them restores the traffic. Every wait is bounded by a deadline.
 #![cfg(feature = "faults")]
 // Test code throughout (clippy.toml allows unwrap only inside #[test]).
 #![allow(clippy::unwrap_used)]
@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::{Message, MessageType};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 use trireme_transport::{
     CatalogChange, ForwardReply, ForwardRequest, Inbound, NetRule, PeerHandler, Transport, TransportConfig,
-    TransportError, server_builder,
+    TransportError,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -54,14 +53,9 @@ fn start(node_id: u64, peers: &[(u64, SocketAddr)], listener: TcpListener) -> (T
     config.connect_timeout_ms = 500;
     config.backoff_initial_ms = 20;
     config.backoff_max_ms = 200;
-    let mut builder = server_builder(&config);
-    let (transport, inbound, service) = Transport::start(config, Arc::new(Echo)).unwrap();
+    let (transport, inbound, server) = Transport::start(config, Arc::new(Echo)).unwrap();
     tokio::spawn(async move {
-        builder
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .unwrap();
+        server.serve(listener, std::future::pending()).await.unwrap();
     });
     (transport, inbound)
 }
@@ -88,7 +82,7 @@ async fn pair() -> (Transport, Transport, mpsc::Receiver<Inbound>) {
 }
 
 #[tokio::test]
-async fn dropped_batches_vanish_on_a_live_stream_until_the_rule_is_cleared() {
+async fn dropped_messages_vanish_on_a_live_link_until_the_rule_is_cleared() {
     let (a, _b, mut b_in) = pair().await;
     let drop = NetRule {
         drop: true,
@@ -99,7 +93,7 @@ async fn dropped_batches_vanish_on_a_live_stream_until_the_rule_is_cleared() {
         a.send(2, 0, heartbeat(1, 2, i));
     }
     let got = tokio::time::timeout(Duration::from_millis(300), b_in.recv()).await;
-    assert!(got.is_err(), "a batch got through a drop rule: {got:?}");
+    assert!(got.is_err(), "a message got through a drop rule: {got:?}");
     assert!(a.net_faults().injected(2).unwrap().dropped >= 1);
     assert_eq!(
         a.peer_stats(2).unwrap().stream_breaks,
@@ -114,7 +108,7 @@ async fn dropped_batches_vanish_on_a_live_stream_until_the_rule_is_cleared() {
 }
 
 #[tokio::test]
-async fn delayed_batches_arrive_late_and_in_order() {
+async fn delayed_messages_arrive_late_and_in_order() {
     let (a, _b, mut b_in) = pair().await;
     a.net_faults()
         .set(
@@ -139,6 +133,57 @@ async fn delayed_batches_arrive_late_and_in_order() {
             assert!(sent.elapsed() >= Duration::from_millis(200), "{:?}", sent.elapsed());
         }
     }
+}
+
+#[tokio::test]
+async fn duplicated_messages_arrive_twice_and_loss_loses_some() {
+    let (a, _b, mut b_in) = pair().await;
+    a.net_faults()
+        .set(
+            &[2],
+            NetRule {
+                dup_percent: 100,
+                ..NetRule::default()
+            },
+        )
+        .unwrap();
+    for i in 1..=5 {
+        a.send(2, 0, heartbeat(1, 2, i));
+    }
+    for i in 1..=5 {
+        for _ in 0..2 {
+            let m = tokio::time::timeout(DEADLINE, b_in.recv()).await.unwrap().unwrap();
+            assert_eq!(m.message.index, i);
+        }
+    }
+    assert_eq!(a.net_faults().injected(2).unwrap().duplicated, 5);
+
+    a.net_faults()
+        .set(
+            &[2],
+            NetRule {
+                loss_percent: 50,
+                ..NetRule::default()
+            },
+        )
+        .unwrap();
+    for i in 100..300 {
+        a.send(2, 0, heartbeat(1, 2, i));
+    }
+    a.net_faults().clear();
+    a.send(2, 0, heartbeat(1, 2, 1000));
+    let mut got = Vec::new();
+    loop {
+        let m = tokio::time::timeout(DEADLINE, b_in.recv()).await.unwrap().unwrap();
+        if m.message.index == 1000 {
+            break;
+        }
+        got.push(m.message.index);
+    }
+    let lost = a.net_faults().injected(2).unwrap().lost;
+    assert_eq!(got.len() as u64, 200 - lost, "every message not lost arrived");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    assert!((50..150).contains(&lost), "{lost} of 200 lost at 50%");
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! The transport over real tonic on 127.0.0.1 with ephemeral ports. Every
-//! wait is bounded by a deadline.
+//! The transport over real sockets on 127.0.0.1 with ephemeral ports: Raft
+//! links and gRPC calls on one listener per node. Every wait is bounded by
+//! a deadline.
 
 // The helpers below are test code too (clippy.toml allows unwrap only
 // inside #[test] functions).
@@ -11,17 +12,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use raft::eraftpb::{Entry, Message, MessageType};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 use trireme_proto::v1::peer_service_client::PeerServiceClient;
-use trireme_proto::v1::{GroupMessage, RaftBatch};
+use trireme_transport::wire::{self, Frame, FrameLimits};
 use trireme_transport::{
-    CLUSTER_HEADER, CatalogChange, ForwardReply, ForwardRequest, Inbound, NODE_HEADER, PeerHandler, SECRET_HEADER,
-    Transport, TransportConfig, TransportError, op, server_builder,
+    CLUSTER_HEADER, CatalogChange, ForwardReply, ForwardRequest, Inbound, NODE_HEADER, PeerHandler, PeerServer,
+    SECRET_HEADER, Transport, TransportConfig, TransportError, op,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -117,21 +119,19 @@ struct Node {
 fn start_node(config: TransportConfig, listener: TcpListener) -> Node {
     init_tracing();
     let handler = Arc::new(TestHandler::default());
-    let mut builder = server_builder(&config);
-    let (transport, inbound, service) = Transport::start(config, handler.clone()).unwrap();
-    let server = tokio::spawn(async move {
-        builder
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
+    let (transport, inbound, server) = Transport::start(config, handler.clone()).unwrap();
     Node {
         transport,
         inbound,
         handler,
-        server,
+        server: serve(server, listener),
     }
+}
+
+fn serve<H: PeerHandler>(server: PeerServer<H>, listener: TcpListener) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        server.serve(listener, std::future::pending()).await.unwrap();
+    })
 }
 
 fn raft_msg(from: u64, to: u64, index: u64, payload: usize) -> Message {
@@ -169,7 +169,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A client speaking the protocol directly, with the given credentials.
+/// A gRPC client speaking the protocol directly, with the given credentials.
 async fn raw_client(addr: SocketAddr) -> PeerServiceClient<tonic::transport::Channel> {
     PeerServiceClient::connect(format!("http://{addr}"))
         .await
@@ -186,7 +186,69 @@ fn with_creds<T>(message: T, cluster: &str, node: u64, secret: &str) -> tonic::R
     r
 }
 
-/// The daemon's way: inbound messages go to a router called on the stream's
+/// A Raft link opened by hand, as the wire format says: the hello, then
+/// the receiver's answer (Err: its REFUSE reason).
+async fn raw_link(addr: SocketAddr, cluster: &str, node: u64, secret: &str) -> (TcpStream, Result<(), String>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut hello = Vec::new();
+    wire::encode_hello(
+        &mut hello,
+        &wire::Hello {
+            node_id: node,
+            cluster_id: cluster.as_bytes().to_vec(),
+            secret: secret.as_bytes().to_vec(),
+        },
+    )
+    .unwrap();
+    stream.write_all(&hello).await.unwrap();
+    let mut buf = BytesMut::new();
+    let answer = loop {
+        match wire::decode_frame(
+            &mut buf,
+            FrameLimits {
+                raft_message_bytes: None,
+            },
+        )
+        .unwrap()
+        {
+            Some(Frame::Accept) => break Ok(()),
+            Some(Frame::Refuse(reason)) => break Err(reason),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => {
+                let n = tokio::time::timeout(DEADLINE, stream.read_buf(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed without an answer");
+            }
+        }
+    };
+    (stream, answer)
+}
+
+/// A RAFT frame carrying `message` as it is, valid or not.
+fn raft_frame(group_id: u64, message: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&((wire::GROUP_ID_BYTES + message.len()) as u32).to_le_bytes());
+    f.push(wire::kind::RAFT);
+    f.extend_from_slice(&group_id.to_le_bytes());
+    f.extend_from_slice(message);
+    f
+}
+
+/// Waits until the peer closes `stream`, skipping its PINGs.
+async fn closed_by_peer(stream: &mut TcpStream) {
+    let mut sink = vec![0u8; 4096];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut sink)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the peer kept the link open"),
+        }
+    }
+}
+
+/// The daemon's way: inbound messages go to a router called on the link's
 /// task, in the order sent, and misaddressed ones never reach it.
 #[tokio::test]
 async fn a_routed_transport_hands_messages_to_its_router_in_order() {
@@ -197,20 +259,13 @@ async fn a_routed_transport_hands_messages_to_its_router_in_order() {
     let routed: Arc<Mutex<Vec<Inbound>>> = Arc::default();
     let sink = routed.clone();
     let cb = config(2, &[(1, pa)]);
-    let mut builder = server_builder(&cb);
     let (b, service) = Transport::start_routed(
         cb,
         Arc::new(TestHandler::default()),
         Arc::new(move |m: Inbound| sink.lock().unwrap().push(m)),
     )
     .unwrap();
-    let server = tokio::spawn(async move {
-        builder
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(lb))
-            .await
-            .unwrap();
-    });
+    let server = serve(service, lb);
     for i in 0..200u64 {
         a.transport.send(2, 7 + i % 2, raft_msg(1, 2, i, 64));
     }
@@ -237,8 +292,8 @@ async fn raft_messages_flow_in_order_for_every_group_and_batch() {
     let a = start_node(config(1, &[(2, pb)]), la);
     let mut b = start_node(config(2, &[(1, pa)]), lb);
 
-    // Queued in one go (this runtime has one thread and `send` never
-    // yields), so the sender task finds them all at once.
+    // Queued before the link is up (this runtime has one thread and `send`
+    // never yields), so they leave together once it is.
     let groups = [10u64, 11, 12];
     let total = 1500u64;
     for i in 0..total {
@@ -254,22 +309,29 @@ async fn raft_messages_flow_in_order_for_every_group_and_batch() {
     assert_eq!(stats.messages_sent, total);
     assert_eq!(stats.messages_dropped, 0);
     assert!(
-        stats.batches_sent * 10 <= total,
-        "{stats:?}: messages queued at once should share batches"
+        stats.writes * 10 <= total,
+        "{stats:?}: messages queued at once should share writes"
     );
     assert_eq!(stats.connects, 1);
 
-    // A second burst on the open stream batches too.
-    for i in total..2 * total {
+    // On the open link each `send` writes at once; `send_all` writes once
+    // per peer.
+    for i in total..total + 10 {
         a.transport.send(2, 7, raft_msg(1, 2, i, 0));
     }
+    let burst: Vec<Message> = (total + 10..2 * total).map(|i| raft_msg(1, 2, i, 0)).collect();
+    a.transport.send_all(7, &burst);
     for i in total..2 * total {
         assert_eq!(recv(&mut b.inbound).await.message.index, i);
     }
-    let stats = a.transport.peer_stats(2).unwrap();
-    assert!(stats.batches_sent * 10 <= 2 * total, "{stats:?}");
+    let after = a.transport.peer_stats(2).unwrap();
+    assert!(
+        after.writes - stats.writes <= 10 + 5,
+        "{after:?}: ten sends and one send_all of {} messages",
+        burst.len()
+    );
 
-    // The other direction has its own stream.
+    // The other direction has its own link.
     let mut a = a;
     for i in 0..50 {
         b.transport.send(1, 99, raft_msg(2, 1, i, 0));
@@ -308,8 +370,8 @@ async fn wrong_cluster_secret_or_node_is_refused_and_nothing_is_delivered() {
         for i in 0..10 {
             t.send(2, 5, raft_msg(node_id, 2, i, 8));
         }
-        // The refused stream counts as broken.
-        eventually("the refused stream to be reported", || t.take_unreachable() == vec![2]).await;
+        // The refused link counts as failed.
+        eventually("the refused link to be reported", || t.take_unreachable() == vec![2]).await;
 
         let err = t
             .forward(
@@ -347,43 +409,38 @@ async fn wrong_cluster_secret_or_node_is_refused_and_nothing_is_delivered() {
         t.shutdown();
     }
 
-    // Raw calls: a refused stream, and a missing header.
+    // By hand: a refused link, and a call with a missing header.
+    let (mut link, answer) = raw_link(pb, CLUSTER, 1, "nope").await;
+    let reason = answer.unwrap_err();
+    assert!(
+        reason.contains("secret") && !reason.contains(SECRET) && !reason.contains("nope"),
+        "{reason}"
+    );
+    closed_by_peer(&mut link).await;
+    let (_, answer) = raw_link(pb, CLUSTER, 2, SECRET).await;
+    assert!(answer.unwrap_err().contains("node 2 is not a configured peer"));
     let mut raw = raw_client(pb).await;
-    let batch = RaftBatch {
-        messages: vec![GroupMessage {
-            group_id: 5,
-            message: protobuf::Message::write_to_bytes(&raft_msg(1, 2, 0, 0)).unwrap().into(),
-        }],
-    };
-    let refused = raw
-        .raft(with_creds(tokio_stream::iter(vec![batch]), CLUSTER, 1, "nope"))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     let refused = raw
         .catalog(tonic::Request::new(CatalogChange::default()))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     assert!(refused.message().contains("missing"), "{}", refused.message());
+    // Neither gRPC nor the link magic, and silence: both closed.
+    let mut junk = TcpStream::connect(pb).await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    closed_by_peer(&mut junk).await;
 
     // Nothing reached the node: no handler call, no inbound message.
     assert_eq!(b.handler.forwards.load(Ordering::SeqCst), 0);
     assert!(b.handler.catalogs.lock().unwrap().is_empty());
     assert!(b.inbound.try_recv().is_err());
 
-    // The right credentials through the same raw path are accepted.
-    let batch = RaftBatch {
-        messages: vec![GroupMessage {
-            group_id: 6,
-            message: protobuf::Message::write_to_bytes(&raft_msg(1, 2, 77, 0))
-                .unwrap()
-                .into(),
-        }],
-    };
-    raw.raft(with_creds(tokio_stream::iter(vec![batch]), CLUSTER, 1, SECRET))
-        .await
-        .unwrap();
+    // The right credentials by hand are accepted.
+    let (mut link, answer) = raw_link(pb, CLUSTER, 1, SECRET).await;
+    answer.unwrap();
+    let m = protobuf::Message::write_to_bytes(&raft_msg(1, 2, 77, 0)).unwrap();
+    link.write_all(&raft_frame(6, &m)).await.unwrap();
     let m = recv(&mut b.inbound).await;
     assert_eq!((m.from, m.group_id, m.message.index), (1, 6, 77));
 }
@@ -536,8 +593,8 @@ async fn a_stalled_peer_does_not_hold_up_the_others() {
         }
         tokio::task::yield_now().await;
     }
-    // HTTP/2 keepalive notices C does not answer.
-    eventually("the stalled peer's stream to break", || {
+    // C never answers the hello: each attempt times out.
+    eventually("the stalled peer's link to fail", || {
         let s = a.transport.peer_stats(3).unwrap();
         s.stream_breaks + s.connect_failures > 0
     })
@@ -546,6 +603,81 @@ async fn a_stalled_peer_does_not_hold_up_the_others() {
     assert!(a.transport.peer_stats(3).unwrap().messages_dropped > 0);
     assert_eq!(a.transport.peer_stats(2).unwrap().messages_dropped, 0);
     held.abort();
+}
+
+/// Far more than a socket buffer holds, sent at once: the first writes go
+/// out from `send`, the socket pushes back, the link's task writes the
+/// rest as it drains, and everything arrives whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_socket_hands_the_rest_to_the_link_task_in_order() {
+    let (la, lb) = (listen(any_port()), listen(any_port()));
+    let (pa, pb) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+    let a = start_node(config(1, &[(2, pb)]), la);
+    let mut b = start_node(config(2, &[(1, pa)]), lb);
+    a.transport.send(2, 1, raft_msg(1, 2, 0, 0));
+    assert_eq!(recv(&mut b.inbound).await.message.index, 0);
+
+    const MESSAGES: u64 = 200;
+    const PAYLOAD: usize = 256 * 1024;
+    let sender = a.transport.clone();
+    // From a plain thread, as the log writer sends.
+    std::thread::spawn(move || {
+        for i in 1..=MESSAGES {
+            sender.send(2, 1 + i % 2, raft_msg(1, 2, i, PAYLOAD));
+        }
+    })
+    .join()
+    .unwrap();
+    for i in 1..=MESSAGES {
+        let m = recv(&mut b.inbound).await;
+        assert_eq!((m.group_id, m.message.index), (1 + i % 2, i));
+        assert_eq!(m.message.entries[0].data.len(), PAYLOAD);
+        assert!(m.message.entries[0].data.iter().all(|&x| x == 0xab));
+    }
+    let stats = a.transport.peer_stats(2).unwrap();
+    assert_eq!((stats.messages_sent, stats.messages_dropped), (MESSAGES + 1, 0));
+    assert_eq!(stats.stream_breaks, 0, "{stats:?}");
+}
+
+/// A peer that accepted the link and then says nothing (a stopped process
+/// keeps its sockets open) is given up after the keepalive timeout; and a
+/// sender that says nothing is closed by the receiver the same way.
+#[tokio::test]
+async fn a_silent_peer_is_given_up_after_the_keepalive_timeout() {
+    let silent = listen(any_port());
+    let pc = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((mut s, _)) = silent.accept().await {
+            let mut accept = Vec::new();
+            wire::encode_empty(&mut accept, wire::kind::ACCEPT);
+            s.write_all(&accept).await.unwrap();
+            conns.push(s);
+        }
+    });
+    let la = listen(any_port());
+    let pa = la.local_addr().unwrap();
+    let a = start_node(config(1, &[(3, pc)]), la);
+    let started = Instant::now();
+    a.transport.send(3, 1, raft_msg(1, 3, 0, 0));
+    eventually("the silent peer's link to break", || {
+        a.transport.peer_stats(3).unwrap().stream_breaks > 0
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "broke before the keepalive timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(a.transport.take_unreachable().contains(&3));
+    held.abort();
+
+    // The receiver's side: a link that sends nothing is closed.
+    let (mut link, answer) = raw_link(pa, CLUSTER, 3, SECRET).await;
+    answer.unwrap();
+    let opened = Instant::now();
+    closed_by_peer(&mut link).await;
+    assert!(opened.elapsed() >= Duration::from_millis(400), "{:?}", opened.elapsed());
 }
 
 #[tokio::test]
@@ -677,7 +809,7 @@ async fn oversized_messages_are_refused() {
     let mut b = start_node(cb, lb);
 
     // The sender drops (and counts) a raft message over the bound and
-    // keeps its stream: the next one arrives.
+    // keeps its link: the next one arrives.
     a.transport.send(2, 1, raft_msg(1, 2, 0, LIMIT + 1));
     a.transport.send(2, 1, raft_msg(1, 2, 1, LIMIT / 2));
     let m = recv(&mut b.inbound).await;
@@ -685,25 +817,17 @@ async fn oversized_messages_are_refused() {
     let stats = a.transport.peer_stats(2).unwrap();
     assert_eq!((stats.messages_dropped, stats.messages_sent), (1, 1));
 
-    // The receiver refuses what a sender did not bound: a raft message over
-    // the limit inside a batch under gRPC's limit, and a batch over it.
-    let mut raw = raw_client(pb).await;
-    for size in [LIMIT + 100, 4 * LIMIT] {
-        let batch = RaftBatch {
-            messages: vec![GroupMessage {
-                group_id: 1,
-                message: vec![0; size].into(),
-            }],
-        };
-        let status = raw
-            .raft(with_creds(tokio_stream::iter(vec![batch]), CLUSTER, 1, SECRET))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange),
-            "{size}: {status:?}"
-        );
+    // The receiver refuses what a sender did not bound: a RAFT frame over
+    // the limit closes the link before its body is read.
+    for size in [LIMIT + 1, 4 * LIMIT] {
+        let (mut link, answer) = raw_link(pb, CLUSTER, 1, SECRET).await;
+        answer.unwrap();
+        let frame = raft_frame(1, &vec![0; size]);
+        // The receiver may close before it all went out.
+        let _ = link.write_all(&frame).await;
+        closed_by_peer(&mut link).await;
     }
+    let mut raw = raw_client(pb).await;
     let status = raw
         .forward(with_creds(
             ForwardRequest {
@@ -744,9 +868,9 @@ async fn oversized_messages_are_refused() {
 
 /// RUSTSEC-2024-0437 (rust-protobuf: stack overflow on crafted input):
 /// deeply nested groups in unknown fields, and garbage, are dropped without
-/// harm, and the stream goes on.
+/// harm, and the link goes on.
 #[tokio::test]
-async fn crafted_raft_payloads_are_dropped_and_the_stream_goes_on() {
+async fn crafted_raft_payloads_are_dropped_and_the_link_goes_on() {
     let lb = listen(any_port());
     let pb = lb.local_addr().unwrap();
     let mut b = start_node(config(2, &[(1, "127.0.0.1:9".parse().unwrap())]), lb);
@@ -762,39 +886,29 @@ async fn crafted_raft_payloads_are_dropped_and_the_stream_goes_on() {
     }
     let valid = protobuf::Message::write_to_bytes(&raft_msg(1, 2, 5, 0)).unwrap();
     let misaddressed = protobuf::Message::write_to_bytes(&raft_msg(3, 2, 6, 0)).unwrap();
-    let batch = RaftBatch {
-        messages: [nested, in_entry, vec![0xff; 64], misaddressed, valid]
-            .into_iter()
-            .map(|message| GroupMessage {
-                group_id: 1,
-                message: message.into(),
-            })
-            .collect(),
-    };
-    let mut raw = raw_client(pb).await;
-    raw.raft(with_creds(tokio_stream::iter(vec![batch]), CLUSTER, 1, SECRET))
-        .await
-        .unwrap();
+    let (mut link, answer) = raw_link(pb, CLUSTER, 1, SECRET).await;
+    answer.unwrap();
+    for message in [nested, in_entry, vec![0xff; 64], misaddressed, valid] {
+        link.write_all(&raft_frame(1, &message)).await.unwrap();
+    }
     let m = recv(&mut b.inbound).await;
     assert_eq!((m.from, m.message.index), (1, 5), "only the valid message is delivered");
     assert!(b.inbound.try_recv().is_err());
 }
 
 #[tokio::test]
-async fn shutdown_ends_the_streams_so_a_graceful_stop_completes() {
+async fn shutdown_ends_the_links_so_a_graceful_stop_completes() {
     let (la, lb) = (listen(any_port()), listen(any_port()));
     let (pa, pb) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
     let a = start_node(config(1, &[(2, pb)]), la);
 
     let cb = config(2, &[(1, pa)]);
     let handler = Arc::new(TestHandler::default());
-    let mut builder = server_builder(&cb);
     let (tb, mut inbound_b, service) = Transport::start(cb, handler).unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        builder
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(lb), async {
+        service
+            .serve(lb, async {
                 let _ = stop_rx.await;
             })
             .await
@@ -806,7 +920,7 @@ async fn shutdown_ends_the_streams_so_a_graceful_stop_completes() {
     stop_tx.send(()).unwrap();
     tokio::time::timeout(DEADLINE, server)
         .await
-        .expect("graceful server stop held up by a raft stream")
+        .expect("graceful server stop held up by a raft link")
         .unwrap()
         .unwrap();
     a.server.abort();
@@ -872,24 +986,22 @@ impl metrics::Recorder for CountingRecorder {
     }
 }
 
-/// The counters reach a recorder installed after `Transport::start` (as the
-/// daemon does).
+/// The counters reach the recorder installed before `Transport::start` (as
+/// the daemon installs it).
 #[test]
 fn metrics_count_per_peer() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (a, mut b) = runtime.block_on(async {
-        let (la, lb) = (listen(any_port()), listen(any_port()));
-        let (pa, pb) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
-        let mut ca = config(1, &[(2, pb)]);
-        ca.queue_messages_per_peer = 8;
-        (start_node(ca, la), start_node(config(2, &[(1, pa)]), lb))
-    });
     let recorder = CountingRecorder::default();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
+            let (la, lb) = (listen(any_port()), listen(any_port()));
+            let (pa, pb) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+            let mut ca = config(1, &[(2, pb)]);
+            ca.queue_messages_per_peer = 8;
+            let (a, mut b) = (start_node(ca, la), start_node(config(2, &[(1, pa)]), lb));
             for i in 0..10 {
                 a.transport.send(2, 1, raft_msg(1, 2, i, 0));
             }
@@ -900,7 +1012,7 @@ fn metrics_count_per_peer() {
         })
     });
     assert_eq!(recorder.get("trireme_transport_messages_sent_total peer=2"), 8);
-    assert_eq!(recorder.get("trireme_transport_batches_sent_total peer=2"), 1);
+    assert_eq!(recorder.get("trireme_transport_writes_total peer=2"), 1);
     assert_eq!(
         recorder.get("trireme_transport_messages_dropped_total peer=2 reason=queue_full"),
         2
