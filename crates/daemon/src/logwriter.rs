@@ -1,18 +1,22 @@
 //! The node-wide log writer: drains the log writes of every group that are
-//! ready at once into one batch, makes it durable with one write and one
-//! fdatasync (group commit across volumes, as TiKV's async-io writer does),
-//! and only then tells each group its Ready is persisted and sends the
-//! messages that had to wait for it.
+//! ready at once into one round, makes it durable with one fdatasync
+//! (group commit across volumes, as TiKV's async-io writer does), and only
+//! then tells each group its Ready is persisted and sends the messages that
+//! had to wait for it.
 //!
-//! Two threads share the work as a two-stage pipeline. A round is written
-//! (unsynced) under the receive lock, so rounds reach the log in the order
-//! their jobs arrived; it is then synced and reported in that same order
-//! (by ticket). So while one thread waits for round N's fdatasync, the
-//! other writes round N+1, instead of N+1's jobs waiting for a whole write
-//! and sync first (the round's fdatasync then covers both). At queue depth
-//! 1 one thread does it all, with no hand-off on the way.
+//! Two threads share the work. One of them, the writer, holds the intake:
+//! it takes the jobs as they come and writes them (unsynced) into the open
+//! round, for as long as the other thread's fdatasync runs. When that sync
+//! is done, the writer closes the round, becomes the syncer (fdatasync,
+//! then report), and the other thread becomes the writer of the next round.
+//! So each fdatasync covers everything that arrived until the moment it
+//! started, and the writes of the next round overlap it. (A pipeline that
+//! cut a round as soon as the previous one was written made every other
+//! round a small one: two fdatasyncs where one would do, on a disk whose
+//! flushes are what W2 waits on.) At queue depth 1 one thread does it all,
+//! with no hand-off on the way.
 //!
-//! Why reports stay in order even though a later sync covers earlier rounds:
+//! Why rounds are synced and reported strictly in order, one at a time:
 //! after a failed fdatasync, Linux reports the error to one caller and may
 //! mark the lost pages clean, so a second sync can succeed over data that
 //! is gone. A round is reported only after every earlier one was, and a
@@ -37,30 +41,45 @@ const QUEUE: usize = 8192;
 /// 300 MiB/s of appends 100 ms is 30 MiB, well inside the pool's headroom
 /// (node.rs); every 2 s was too slow for 1M sequential writes.
 const PURGE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
-/// A batch stops growing at this many bytes of entries.
+/// A round stops taking jobs at this many bytes of entries (it then waits
+/// for its turn to sync).
 const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
-/// Threads of the pipeline: one writing while the other syncs.
+/// Threads: one writing while the other syncs.
 const WRITERS: usize = 2;
 
-struct Intake {
-    rx: std_mpsc::Receiver<LogJob>,
-    /// The ticket of the next round written: the order it is reported in.
-    next_ticket: u64,
+/// What the writer thread receives.
+// Nearly every message is a job; boxing it would add an allocation to each.
+#[allow(clippy::large_enum_variant)]
+enum Msg {
+    Job(LogJob),
+    /// A sync finished: a writer waiting for its turn takes it.
+    SyncDone,
 }
 
 struct Shared {
     store: Arc<dyn RaftLogStore>,
     transport: Transport,
-    /// Held while taking a round's jobs and writing them.
-    rx: Mutex<Intake>,
-    /// The ticket of the round whose turn it is to sync and report.
-    reporting: Mutex<u64>,
-    turn: Condvar,
+    /// Held by the writer of the open round.
+    rx: Mutex<std_mpsc::Receiver<Msg>>,
+    /// For the syncer's wake-up of a writer blocked on an empty queue;
+    /// taken away when the last [`LogWriter`] goes, so the threads end.
+    tx: Mutex<Option<std_mpsc::SyncSender<Msg>>>,
+    turn: Mutex<Turn>,
+    sync_done: Condvar,
+}
+
+#[derive(Default)]
+struct Turn {
+    /// A round is being synced and reported.
+    syncing: bool,
+    /// The writer holds jobs and waits on the queue for its turn: the
+    /// syncer wakes it with [`Msg::SyncDone`].
+    writer_waiting: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding these locks (a disk error exits the
-    // process instead); the data under them is a counter and a receiver.
+    // process instead); the data under them is a flag and a receiver.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -79,18 +98,30 @@ pub struct LogJob {
 
 #[derive(Clone)]
 pub struct LogWriter {
-    tx: std_mpsc::SyncSender<LogJob>,
+    handle: Arc<Handle>,
+}
+
+struct Handle {
+    tx: std_mpsc::SyncSender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        lock(&self.shared.tx).take();
+    }
 }
 
 impl LogWriter {
     pub fn start(store: Arc<dyn RaftLogStore>, transport: Transport) -> std::io::Result<LogWriter> {
-        let (tx, rx) = std_mpsc::sync_channel::<LogJob>(QUEUE);
+        let (tx, rx) = std_mpsc::sync_channel::<Msg>(QUEUE);
         let shared = Arc::new(Shared {
             store,
             transport,
-            rx: Mutex::new(Intake { rx, next_ticket: 0 }),
-            reporting: Mutex::new(0),
-            turn: Condvar::new(),
+            rx: Mutex::new(rx),
+            tx: Mutex::new(Some(tx.clone())),
+            turn: Mutex::new(Turn::default()),
+            sync_done: Condvar::new(),
         });
         for i in 0..WRITERS {
             let shared = shared.clone();
@@ -98,7 +129,9 @@ impl LogWriter {
                 .name(format!("trireme-log-{i}"))
                 .spawn(move || run(&shared))?;
         }
-        Ok(LogWriter { tx })
+        Ok(LogWriter {
+            handle: Arc::new(Handle { tx, shared }),
+        })
     }
 
     /// Starts the thread that reclaims compacted log files: slow file work,
@@ -127,86 +160,153 @@ impl LogWriter {
     /// Queues a job. Called from group tasks; the queue is deep, and when it
     /// is full the group waits (backpressure from a slow disk).
     pub fn submit(&self, job: LogJob) {
-        if let Err(std_mpsc::TrySendError::Full(job)) = self.tx.try_send(job) {
+        if let Err(std_mpsc::TrySendError::Full(msg)) = self.handle.tx.try_send(Msg::Job(job)) {
             // Rare: block this group's task briefly rather than drop a write.
-            let tx = self.tx.clone();
+            let tx = self.handle.tx.clone();
             tokio::task::block_in_place(move || {
-                let _ = tx.send(job);
+                let _ = tx.send(msg);
             });
         }
     }
 }
 
-fn run(shared: &Shared) {
-    let write_duration = metrics::histogram!("trireme_log_write_duration_seconds");
-    let sync_duration = metrics::histogram!("trireme_log_sync_duration_seconds");
-    let batch_entries = metrics::histogram!("trireme_log_batch_entries");
-    let batch_groups = metrics::histogram!("trireme_log_batch_groups");
-    let batch_bytes = metrics::histogram!("trireme_log_batch_bytes");
-    let appended_entries = metrics::counter!("trireme_log_appended_entries_total");
-    let appended_bytes = metrics::counter!("trireme_log_appended_bytes_total");
-    let batches = metrics::counter!("trireme_log_batches_total");
-    let store = &*shared.store;
-    loop {
-        // Stage 1, one thread at a time: take every job waiting and write
-        // them, unsynced.
-        let (ticket, jobs, groups, must_sync) = {
-            let mut intake = lock(&shared.rx);
-            let Ok(first) = intake.rx.recv() else { return };
-            let mut jobs = vec![first];
-            let mut bytes: usize = jobs[0].write.entries.iter().map(|e| e.data.len()).sum();
-            while bytes < MAX_BATCH_BYTES {
-                match intake.rx.try_recv() {
-                    Ok(j) => {
-                        bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
-                        jobs.push(j);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let groups: Vec<u64> = jobs.iter().map(|j| j.write.group).collect();
-            let entries: usize = jobs.iter().map(|j| j.write.entries.len()).sum();
+/// Jobs written and not yet synced.
+#[derive(Default)]
+struct Round {
+    jobs: Vec<LogJob>,
+    groups: Vec<u64>,
+    entries: usize,
+    bytes: usize,
+    must_sync: bool,
+}
+
+struct Metrics {
+    write_duration: metrics::Histogram,
+    sync_duration: metrics::Histogram,
+    batch_entries: metrics::Histogram,
+    batch_groups: metrics::Histogram,
+    batch_bytes: metrics::Histogram,
+    appended_entries: metrics::Counter,
+    appended_bytes: metrics::Counter,
+    batches: metrics::Counter,
+}
+
+impl Round {
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Writes `jobs` (unsynced) and adds them to the round.
+    fn write(&mut self, store: &dyn RaftLogStore, mut jobs: Vec<LogJob>, m: &Metrics) {
+        let mut entries = 0;
+        let mut bytes = 0;
+        for j in &jobs {
+            entries += j.write.entries.len();
+            bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
             // Followers answer every heartbeat and append through here (their
             // replies may only leave after what came before is durable); most
-            // such rounds carry nothing, or only a new commit index, and need
+            // such jobs carry nothing, or only a new commit index, and need
             // no fdatasync.
-            let must_sync = jobs.iter().any(|j| j.must_sync);
-            let batch: Vec<GroupWrite> = jobs
-                .iter_mut()
-                .map(|j| std::mem::take(&mut j.write))
-                .filter(|w| !w.is_empty())
-                .collect();
-            if !batch.is_empty() {
-                let started = std::time::Instant::now();
-                if let Err(e) = store.write_batch_unsynced(batch) {
-                    // DESIGN.md: an I/O error on the log is fatal for the
-                    // replica; the log is node-wide, so the node stops and its
-                    // replicas are rebuilt elsewhere. Limping on could
-                    // acknowledge what is not durable.
-                    crate::error::exit_on_disk_error(
-                        "log_write",
-                        &format!("raft log write failed, stopping the node: {e}"),
-                    );
-                }
-                write_duration.record(started.elapsed().as_secs_f64());
-            }
-            batches.increment(1);
-            batch_entries.record(entries as f64);
-            batch_groups.record(groups.len() as f64);
-            batch_bytes.record(bytes as f64);
-            appended_entries.increment(entries as u64);
-            appended_bytes.increment(bytes as u64);
-            let ticket = intake.next_ticket;
-            intake.next_ticket += 1;
-            (ticket, jobs, groups, must_sync)
-        };
-        // Stage 2, in ticket order: make the round durable (the other thread
-        // may be writing the next one meanwhile), then report it.
-        let mut reporting = lock(&shared.reporting);
-        while *reporting != ticket {
-            reporting = shared.turn.wait(reporting).unwrap_or_else(|p| p.into_inner());
+            self.must_sync |= j.must_sync;
+            self.groups.push(j.write.group);
         }
-        if must_sync {
+        let batch: Vec<GroupWrite> = jobs
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.write))
+            .filter(|w| !w.is_empty())
+            .collect();
+        if !batch.is_empty() {
+            let started = std::time::Instant::now();
+            if let Err(e) = store.write_batch_unsynced(batch) {
+                // DESIGN.md: an I/O error on the log is fatal for the
+                // replica; the log is node-wide, so the node stops and its
+                // replicas are rebuilt elsewhere. Limping on could
+                // acknowledge what is not durable.
+                crate::error::exit_on_disk_error(
+                    "log_write",
+                    &format!("raft log write failed, stopping the node: {e}"),
+                );
+            }
+            m.write_duration.record(started.elapsed().as_secs_f64());
+        }
+        m.appended_entries.increment(entries as u64);
+        m.appended_bytes.increment(bytes as u64);
+        self.entries += entries;
+        self.bytes += bytes;
+        self.jobs.extend(jobs);
+    }
+}
+
+/// Takes what is queued without waiting, up to the round's byte bound;
+/// `first` was already received.
+fn drain(rx: &std_mpsc::Receiver<Msg>, first: Option<Msg>, room_bytes: usize) -> Vec<LogJob> {
+    let mut jobs = Vec::new();
+    let mut bytes = 0;
+    let mut next = first;
+    loop {
+        match next {
+            Some(Msg::Job(j)) => {
+                bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
+                jobs.push(j);
+            }
+            Some(Msg::SyncDone) => {}
+            None => break,
+        }
+        if bytes >= room_bytes {
+            break;
+        }
+        next = rx.try_recv().ok();
+    }
+    jobs
+}
+
+fn run(shared: &Shared) {
+    let m = Metrics {
+        write_duration: metrics::histogram!("trireme_log_write_duration_seconds"),
+        sync_duration: metrics::histogram!("trireme_log_sync_duration_seconds"),
+        batch_entries: metrics::histogram!("trireme_log_batch_entries"),
+        batch_groups: metrics::histogram!("trireme_log_batch_groups"),
+        batch_bytes: metrics::histogram!("trireme_log_batch_bytes"),
+        appended_entries: metrics::counter!("trireme_log_appended_entries_total"),
+        appended_bytes: metrics::counter!("trireme_log_appended_bytes_total"),
+        batches: metrics::counter!("trireme_log_batches_total"),
+    };
+    let store = &*shared.store;
+    loop {
+        // The writer: one thread at a time. It writes jobs into the open
+        // round as they come, until no sync is running and the round holds
+        // something; then it closes the round and syncs it.
+        let round = {
+            let rx = lock(&shared.rx);
+            let mut round = Round::default();
+            loop {
+                let mut turn = lock(&shared.turn);
+                if !round.is_empty() && !turn.syncing {
+                    turn.syncing = true;
+                    turn.writer_waiting = false;
+                    break;
+                }
+                if round.bytes >= MAX_BATCH_BYTES {
+                    // Full: wait for the turn only.
+                    while turn.syncing {
+                        turn = shared.sync_done.wait(turn).unwrap_or_else(|p| p.into_inner());
+                    }
+                    continue;
+                }
+                turn.writer_waiting = !round.is_empty();
+                drop(turn);
+                // Nothing to close yet (an empty round, or a sync running):
+                // wait for a job, or for the syncer's word that it is done.
+                let Ok(first) = rx.recv() else { return };
+                let jobs = drain(&rx, Some(first), MAX_BATCH_BYTES - round.bytes);
+                if !jobs.is_empty() {
+                    round.write(store, jobs, &m);
+                }
+            }
+            round
+        };
+        // The syncer: the other thread may now write the next round.
+        if round.must_sync {
             let started = std::time::Instant::now();
             if let Err(e) = store.sync() {
                 crate::error::exit_on_disk_error(
@@ -214,20 +314,32 @@ fn run(shared: &Shared) {
                     &format!("raft log write failed, stopping the node: {e}"),
                 );
             }
-            sync_duration.record(started.elapsed().as_secs_f64());
+            m.sync_duration.record(started.elapsed().as_secs_f64());
             #[cfg(feature = "failpoints")]
             crate::failpoints::crash_point(crate::failpoints::CRASH_LOG_AFTER_SYNC);
         }
-        for (j, group) in jobs.into_iter().zip(groups) {
-            for m in j.messages_after {
-                shared.transport.send(m.to, group, m);
-            }
+        m.batches.increment(1);
+        m.batch_entries.record(round.entries as f64);
+        m.batch_groups.record(round.groups.len() as f64);
+        m.batch_bytes.record(round.bytes as f64);
+        for (j, group) in round.jobs.into_iter().zip(round.groups) {
+            // Written to the peers' sockets from this thread: no task
+            // wakes up between the fdatasync and the reply leaving.
+            shared.transport.send_all(group, &j.messages_after);
             if let Some(n) = j.number {
                 let _ = j.notify.blocking_send(GroupEvent::Persisted(n));
             }
         }
-        *reporting += 1;
-        drop(reporting);
-        shared.turn.notify_all();
+        let wake = {
+            let mut turn = lock(&shared.turn);
+            turn.syncing = false;
+            std::mem::take(&mut turn.writer_waiting)
+        };
+        shared.sync_done.notify_all();
+        // A writer that holds jobs and waits on the queue learns its turn
+        // came. (A full queue means it is not blocked.)
+        if wake && let Some(tx) = lock(&shared.tx).as_ref() {
+            let _ = tx.try_send(Msg::SyncDone);
+        }
     }
 }
