@@ -32,6 +32,7 @@ mod error;
 mod faults;
 mod inbound;
 mod link;
+mod outbox;
 mod server;
 pub mod wire;
 

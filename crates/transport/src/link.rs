@@ -30,15 +30,13 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::PeerStats;
+use crate::outbox::Outbox;
 use crate::wire::{self, Frame, FrameLimits};
 
 /// What the peer may send on a link this node opened.
 const SENDER_SIDE: FrameLimits = FrameLimits {
     raft_message_bytes: None,
 };
-/// An emptied pending buffer larger than this is let go, so one burst of
-/// large appends does not pin its memory for the life of the link.
-const KEEP_BUFFER_BYTES: usize = 4 << 20;
 /// Injected delays (the `faults` feature) hold at most this many frames
 /// per link; more are dropped as for a full queue.
 #[cfg(feature = "faults")]
@@ -198,45 +196,6 @@ pub(crate) struct LinkConfig {
     pub backoff: (Duration, Duration),
 }
 
-/// Encoded frames not yet written: a buffer and how much of it went out.
-/// Written bytes are dropped only once all have gone, so an append never
-/// moves what is still to send.
-#[derive(Default)]
-struct Outbox {
-    buf: Vec<u8>,
-    sent: usize,
-}
-
-impl Outbox {
-    fn unsent(&self) -> &[u8] {
-        &self.buf[self.sent..]
-    }
-
-    fn is_empty(&self) -> bool {
-        self.sent == self.buf.len()
-    }
-
-    fn advance(&mut self, n: usize) {
-        self.sent += n;
-        if self.is_empty() {
-            self.buf.clear();
-            self.sent = 0;
-            if self.buf.capacity() > KEEP_BUFFER_BYTES {
-                self.buf = Vec::new();
-            }
-        } else if self.sent >= KEEP_BUFFER_BYTES && self.sent * 2 >= self.buf.len() {
-            // A link that never drains (a slow peer, steady senders) would
-            // keep its sent bytes forever: move the rest to the front.
-            self.buf.drain(..self.sent);
-            self.sent = 0;
-        }
-    }
-
-    fn clear(&mut self) {
-        *self = Outbox::default();
-    }
-}
-
 /// The link's mutable state, under its lock.
 #[derive(Default)]
 struct LinkState {
@@ -360,16 +319,19 @@ impl Link {
         let copies = 1;
         let frame = wire::FRAME_HEADER_BYTES + wire::GROUP_ID_BYTES + size;
         if st.pending_messages + copies > self.config.queue_messages
-            || st.pending.buf.len() + copies * frame > self.config.queue_bytes
+            || st.pending.held_bytes() + copies * frame > self.config.queue_bytes
         {
             self.counters.dropped(DropReason::QueueFull, 1);
             self.mark_unreachable();
             return false;
         }
         for _ in 0..copies {
-            if let Err(e) = wire::encode_raft(&mut st.pending.buf, group_id, message, size) {
+            if let Err(e) = st.pending.push_raft(group_id, message, size) {
+                // Part of a frame may be queued: the link must start over.
                 self.counters.dropped(DropReason::Oversized, 1);
                 warn!(peer = self.config.peer, group = group_id, "raft message not sent: {e}");
+                st.failed = Some(format!("encoding a message for group {group_id}: {e}"));
+                self.wake.notify_one();
                 return false;
             }
         }
@@ -400,7 +362,8 @@ impl Link {
     /// link's task.
     fn write_out(&self, st: &mut LinkState, stream: &TcpStream) -> bool {
         while !st.pending.is_empty() {
-            match stream.try_write(st.pending.unsent()) {
+            let written = stream.try_write_vectored(&st.pending.slices());
+            match written {
                 Ok(0) => {
                     st.failed = Some("the connection takes no more bytes".into());
                     return false;
@@ -465,7 +428,7 @@ impl Link {
                 return Some(*due);
             }
             if let Some((_, frame)) = st.delayed.pop_front() {
-                st.pending.buf.extend_from_slice(&frame);
+                st.pending.extend(&frame);
                 st.pending_messages += 1;
             }
         }
@@ -593,7 +556,9 @@ impl Link {
                     }
                     let mut st = self.lock();
                     if !st.wrote && st.pending.is_empty() {
-                        wire::encode_empty(&mut st.pending.buf, wire::kind::PING);
+                        let mut ping = Vec::with_capacity(wire::FRAME_HEADER_BYTES);
+                        wire::encode_empty(&mut ping, wire::kind::PING);
+                        st.pending.extend(&ping);
                         self.push(&mut st);
                     }
                     st.wrote = false;

@@ -161,16 +161,11 @@ pub fn encode_raft(
     message: &raft::eraftpb::Message,
     size: usize,
 ) -> Result<(), TransportError> {
-    let body = GROUP_ID_BYTES + size;
-    let len =
-        u32::try_from(body).map_err(|_| protocol(format!("a raft message of {size} bytes does not fit a frame")))?;
     let frame_start = buf.len();
     // One more byte than the frame: the encoder's final flush reserves one,
     // which must not reallocate (and copy) the whole buffer.
-    buf.reserve(FRAME_HEADER_BYTES + body + 1);
-    buf.put_u32_le(len);
-    buf.put_u8(kind::RAFT);
-    buf.put_u64_le(group_id);
+    buf.reserve(FRAME_HEADER_BYTES + GROUP_ID_BYTES + size + 1);
+    encode_raft_header(buf, group_id, size)?;
     let start = buf.len();
     let mut out = protobuf::CodedOutputStream::vec(buf);
     let written = message
@@ -194,6 +189,16 @@ pub fn encode_raft(
         buf.truncate(frame_start);
     }
     checked
+}
+
+/// Appends the header of a RAFT frame whose message is `size` bytes.
+pub fn encode_raft_header(buf: &mut Vec<u8>, group_id: u64, size: usize) -> Result<(), TransportError> {
+    let len = u32::try_from(GROUP_ID_BYTES + size)
+        .map_err(|_| protocol(format!("a raft message of {size} bytes does not fit a frame")))?;
+    buf.put_u32_le(len);
+    buf.put_u8(kind::RAFT);
+    buf.put_u64_le(group_id);
+    Ok(())
 }
 
 /// Appends an empty frame of `kind` (PING, ACCEPT).
