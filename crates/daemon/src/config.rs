@@ -34,6 +34,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
     /// How long SIGTERM waits for NBD sessions to finish in-flight requests.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -116,6 +118,23 @@ pub const CHECKPOINT_INTERVAL_MS_RANGE: std::ops::RangeInclusive<u64> = 500..=3_
 /// Accepted `log.checkpoint_bytes`: 1 MiB to 4 GiB (a restart holds what it
 /// replays in memory).
 pub const CHECKPOINT_BYTES_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(4 << 30);
+
+/// The threads that run the node's tasks.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the async runtime (NBD sessions, Raft groups, peer
+    /// links, the admin API); 0, the default, is one per CPU. Nodes that
+    /// share a host (`trireme dev up` puts a whole cluster on one) each do
+    /// better with their share of its CPUs: more runnable threads than CPUs
+    /// make every hand-off between tasks a wake-up of a parked thread.
+    /// The log writer and the image I/O have threads of their own.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+/// Accepted `runtime.worker_threads`.
+pub const WORKER_THREADS_RANGE: std::ops::RangeInclusive<u64> = 0..=1024;
 
 /// The volume images (DATA_DIR/volumes/*/image).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -302,6 +321,7 @@ impl Config {
                     cluster: ClusterConfig::default(),
                     log: LogConfig::default(),
                     storage: StorageConfig::default(),
+                    runtime: RuntimeConfig::default(),
                     shutdown_timeout_ms: default_shutdown_timeout_ms(),
                 }
             }
@@ -400,6 +420,11 @@ impl Config {
         )?;
         trireme_storage::alloc::validate_unit_bytes(self.storage.allocation_unit_bytes)
             .map_err(|e| format!("storage.allocation_unit_bytes {e}"))?;
+        in_range(
+            "runtime.worker_threads",
+            self.runtime.worker_threads as u64,
+            &WORKER_THREADS_RANGE,
+        )?;
         parse_addr("cluster.peer_listen", &self.cluster.peer_listen)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, n) in self.cluster.nodes.iter().enumerate() {
@@ -523,6 +548,14 @@ mod tests {
             (
                 "node_id = 1\ndata_dir = \"/x\"\n[storage]\nallocation_unit_bytes = 3000000\n",
                 "storage.allocation_unit_bytes 3000000",
+            ),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[runtime]\nworker_threads = 5000\n",
+                "runtime.worker_threads 5000 must be 0-1024",
+            ),
+            (
+                "node_id = 1\ndata_dir = \"/x\"\n[runtime]\nworker_threads = -1\n",
+                "worker_threads",
             ),
             (
                 "node_id = 1\ndata_dir = \"/x\"\n[cluster]\nsecret = \"0123456789abcdef\"\n[[cluster.nodes]]\nid = 2\npeer = \"127.0.0.1:1\"\n",

@@ -98,11 +98,12 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
     raise_open_files_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("triremed")
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("triremed");
+    if config.runtime.worker_threads > 0 {
+        runtime.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("triremed: cannot start the runtime: {e}");
