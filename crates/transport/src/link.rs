@@ -203,8 +203,6 @@ struct LinkState {
     stream: Option<Arc<TcpStream>>,
     /// Encoded frames not yet written, from a frame boundary on.
     pending: Outbox,
-    /// Messages in `pending` since it was last empty.
-    pending_messages: usize,
     /// The link task is writing `pending` (the socket pushed back, or the
     /// connection is new): senders only append.
     flushing: bool,
@@ -318,7 +316,7 @@ impl Link {
         #[cfg(not(feature = "faults"))]
         let copies = 1;
         let frame = wire::FRAME_HEADER_BYTES + wire::GROUP_ID_BYTES + size;
-        if st.pending_messages + copies > self.config.queue_messages
+        if st.pending.messages() + copies > self.config.queue_messages
             || st.pending.held_bytes() + copies * frame > self.config.queue_bytes
         {
             self.counters.dropped(DropReason::QueueFull, 1);
@@ -335,7 +333,6 @@ impl Link {
                 return false;
             }
         }
-        st.pending_messages += copies;
         self.counters.sent(1);
         true
     }
@@ -381,7 +378,6 @@ impl Link {
                 }
             }
         }
-        st.pending_messages = 0;
         true
     }
 
@@ -428,8 +424,7 @@ impl Link {
                 return Some(*due);
             }
             if let Some((_, frame)) = st.delayed.pop_front() {
-                st.pending.extend(&frame);
-                st.pending_messages += 1;
+                st.pending.extend_message(&frame);
             }
         }
         None
@@ -457,9 +452,8 @@ impl Link {
         let held = std::mem::take(&mut st.delayed).len();
         #[cfg(not(feature = "faults"))]
         let held = 0;
-        let n = st.pending_messages + held;
+        let n = st.pending.messages() + held;
         st.pending.clear();
-        st.pending_messages = 0;
         self.counters.dropped(DropReason::Unreachable, n as u64);
     }
 

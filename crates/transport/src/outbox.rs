@@ -38,6 +38,11 @@ pub(crate) struct Outbox {
     tail_sent: usize,
     /// Unsent bytes in all.
     unsent: usize,
+    /// Where each queued message ends, counted in bytes ever queued, so
+    /// the link's message bound counts what is still waiting.
+    message_ends: VecDeque<u64>,
+    queued_total: u64,
+    sent_total: u64,
 }
 
 impl Outbox {
@@ -51,16 +56,31 @@ impl Outbox {
         self.unsent + self.tail_sent
     }
 
+    /// Messages queued and not wholly written.
+    pub(crate) fn messages(&self) -> usize {
+        self.message_ends.len()
+    }
+
     /// Appends bytes that are copied.
     pub(crate) fn extend(&mut self, bytes: &[u8]) {
         self.tail.extend_from_slice(bytes);
         self.unsent += bytes.len();
+        self.queued_total += bytes.len() as u64;
+    }
+
+    /// Appends encoded messages, copied, counted as one (frames an
+    /// injected delay held back).
+    #[cfg(feature = "faults")]
+    pub(crate) fn extend_message(&mut self, bytes: &[u8]) {
+        self.extend(bytes);
+        self.message_ends.push_back(self.queued_total);
     }
 
     /// Appends a payload by reference, after everything queued.
     fn share(&mut self, payload: &Bytes) {
         self.freeze_tail();
         self.unsent += payload.len();
+        self.queued_total += payload.len() as u64;
         self.segments.push_back(payload.clone());
     }
 
@@ -95,7 +115,10 @@ impl Outbox {
         if large.is_empty() {
             let before = self.tail.len();
             wire::encode_raft(&mut self.tail, group_id, message, size)?;
-            self.unsent += self.tail.len() - before;
+            let added = self.tail.len() - before;
+            self.unsent += added;
+            self.queued_total += added as u64;
+            self.message_ends.push_back(self.queued_total);
             return Ok(());
         }
         let mut header = Vec::with_capacity(wire::FRAME_HEADER_BYTES + wire::GROUP_ID_BYTES);
@@ -118,6 +141,7 @@ impl Outbox {
                 sink.written
             )));
         }
+        self.message_ends.push_back(self.queued_total);
         Ok(())
     }
 
@@ -137,6 +161,10 @@ impl Outbox {
     pub(crate) fn advance(&mut self, mut n: usize) {
         debug_assert!(n <= self.unsent);
         self.unsent -= n.min(self.unsent);
+        self.sent_total += n as u64;
+        while self.message_ends.front().is_some_and(|&end| end <= self.sent_total) {
+            self.message_ends.pop_front();
+        }
         while n > 0 {
             let Some(front) = self.segments.front_mut() else {
                 break;
@@ -287,8 +315,29 @@ mod tests {
             .count();
         assert_eq!(shared, 2, "both large payloads are referenced, not copied");
         assert!(outbox.tail.len() + outbox.segments.iter().map(|s| s.len()).sum::<usize>() < size + 200);
+        assert_eq!(outbox.messages(), 1);
         let wire = drain(&mut outbox, 1 << 30);
         assert_eq!(frames(&wire), vec![(7, m)]);
+        assert_eq!(outbox.messages(), 0);
+    }
+
+    #[test]
+    fn messages_count_until_their_last_byte_is_written() {
+        let small = append(&[10]);
+        let size = small.compute_size() as usize;
+        let mut outbox = Outbox::default();
+        for g in 0..3 {
+            outbox.push_raft(g, &small, size).unwrap();
+        }
+        outbox.extend(&[0, 0, 0, 0, wire::kind::PING]);
+        assert_eq!(outbox.messages(), 3, "a PING is not a message");
+        let frame = wire::FRAME_HEADER_BYTES + wire::GROUP_ID_BYTES + size;
+        outbox.advance(frame - 1);
+        assert_eq!(outbox.messages(), 3);
+        outbox.advance(1);
+        assert_eq!(outbox.messages(), 2);
+        outbox.advance(frame + 1);
+        assert_eq!(outbox.messages(), 1);
     }
 
     #[test]
