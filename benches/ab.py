@@ -33,7 +33,7 @@ sys.dont_write_bytecode = True  # no benches/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fio_compare  # noqa: E402
 from fio_compare import (ROOT, WORKLOADS, Procs, attach, dev_up, git_info, host_info,  # noqa: E402
-                         ignore_interrupts, log, run_fio, show_logs, sigterm_to_interrupt, summarize,
+                         ignore_interrupts, log, run_fio, run_main, show_logs, sigterm_to_interrupt, summarize,
                          write_json)
 
 
@@ -160,8 +160,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; everything this script started has been stopped")
-        sys.exit(130)
+    run_main(main)

@@ -190,6 +190,16 @@ def ignore_interrupts():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def run_main(main):
+    """Runs a benchmark's main() as the script: its return value is the exit status, and Ctrl-C
+    (or SIGTERM, see sigterm_to_interrupt) exits 130 once main's cleanup has stopped everything."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; everything this script started has been stopped")
+        sys.exit(130)
+
+
 def apt_install(tools):
     """tools: [(command, package)]; installs the packages whose command is missing."""
     missing = sorted({pkg for tool, pkg in tools if shutil.which(tool) is None})
@@ -798,8 +808,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; everything this script started has been stopped")
-        sys.exit(130)
+    run_main(main)

@@ -30,7 +30,7 @@ import time
 
 sys.dont_write_bytecode = True  # no benches/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_compare import (CLI, ROOT, Procs, build, dev_up, git_info, host_info, ignore_interrupts, write_json,  # noqa: E402
+from fio_compare import (CLI, ROOT, Procs, build, dev_up, git_info, host_info, ignore_interrupts, run_main, write_json,  # noqa: E402
                          log, show_logs, sigterm_to_interrupt)
 
 NODES = 3
@@ -228,8 +228,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; everything this script started has been stopped")
-        sys.exit(130)
+    run_main(main)

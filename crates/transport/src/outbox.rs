@@ -231,33 +231,11 @@ impl Write for SharingWriter<'_> {
 mod tests {
     use bytes::BytesMut;
     use proptest::prelude::*;
-    use raft::eraftpb::{Entry, Message, MessageType};
+    use raft::eraftpb::Message;
 
     use super::*;
+    use crate::wire::test_messages::append;
     use crate::wire::{Frame, FrameLimits, decode_frame, parse_message};
-
-    fn append(payloads: &[usize]) -> Message {
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppend);
-        m.from = 1;
-        m.to = 2;
-        m.term = 3;
-        m.index = 10;
-        m.commit = 9;
-        m.entries = payloads
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| Entry {
-                index: 11 + i as u64,
-                term: 3,
-                data: Bytes::from((0..n).map(|b| (b + i) as u8).collect::<Vec<u8>>()),
-                context: Bytes::from_static(b"ctx"),
-                ..Default::default()
-            })
-            .collect::<Vec<_>>()
-            .into();
-        m
-    }
 
     /// One write of at most `chunk` bytes, as a socket that takes that
     /// much would do it.

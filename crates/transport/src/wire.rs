@@ -306,11 +306,44 @@ pub fn parse_message(bytes: &Bytes) -> Result<raft::eraftpb::Message, TransportE
         .map_err(|e| protocol(format!("undecodable raft message: {e}")))
 }
 
+/// Raft messages for the crate's tests.
+#[cfg(test)]
+pub(crate) mod test_messages {
+    use bytes::Bytes;
+    use raft::eraftpb::{Entry, Message, MessageType};
+
+    /// An append from node 1 to node 2 with one entry per payload size,
+    /// each payload a pattern of its own and each entry with a context.
+    pub(crate) fn append(payloads: &[usize]) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = 1;
+        m.to = 2;
+        m.term = 3;
+        m.index = 10;
+        m.commit = 9;
+        m.entries = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Entry {
+                index: 11 + i as u64,
+                term: 3,
+                data: Bytes::from((0..n).map(|b| (b + i) as u8).collect::<Vec<u8>>()),
+                context: Bytes::from_static(b"ctx"),
+                ..Default::default()
+            })
+            .collect::<Vec<_>>()
+            .into();
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use raft::eraftpb::{Entry, Message, MessageType};
+    use raft::eraftpb::Message;
 
+    use super::test_messages::append;
     use super::*;
 
     const RECEIVER: FrameLimits = FrameLimits {
@@ -319,23 +352,6 @@ mod tests {
     const SENDER: FrameLimits = FrameLimits {
         raft_message_bytes: None,
     };
-
-    fn append(payload: usize) -> Message {
-        let mut m = Message::default();
-        m.set_msg_type(MessageType::MsgAppend);
-        m.from = 1;
-        m.to = 2;
-        m.term = 7;
-        m.index = 41;
-        m.entries = vec![Entry {
-            index: 42,
-            term: 7,
-            data: Bytes::from(vec![0xab; payload]),
-            ..Default::default()
-        }]
-        .into();
-        m
-    }
 
     fn hello() -> Hello {
         Hello {
@@ -383,7 +399,7 @@ mod tests {
 
     #[test]
     fn raft_frames_round_trip_without_copying_the_payload() {
-        let m = append(100_000);
+        let m = append(&[100_000]);
         let size = m.compute_size() as usize;
         let mut encoded = Vec::new();
         encode_raft(&mut encoded, 9, &m, size).unwrap();
@@ -414,7 +430,7 @@ mod tests {
 
     #[test]
     fn frames_over_their_bound_or_of_the_wrong_side_are_refused_from_the_header() {
-        let m = append((1 << 20) + 1);
+        let m = append(&[(1 << 20) + 1]);
         let size = m.compute_size() as usize;
         let mut wire = Vec::new();
         encode_raft(&mut wire, 1, &m, size).unwrap();
@@ -454,7 +470,7 @@ mod tests {
 
     #[test]
     fn a_stale_cached_size_is_refused_and_leaves_the_buffer_as_it_was() {
-        let m = append(10);
+        let m = append(&[10]);
         let size = m.compute_size() as usize;
         let mut wire = b"before".to_vec();
         assert!(encode_raft(&mut wire, 1, &m, size + 1).is_err());
@@ -483,7 +499,7 @@ mod tests {
         fn frames_survive_any_split(payloads in proptest::collection::vec(0usize..3000, 1..8), cut in 0usize..30_000) {
             let mut wire = Vec::new();
             for (i, &p) in payloads.iter().enumerate() {
-                let m = append(p);
+                let m = append(&[p]);
                 let size = m.compute_size() as usize;
                 encode_raft(&mut wire, i as u64, &m, size).unwrap();
                 encode_empty(&mut wire, kind::PING);
