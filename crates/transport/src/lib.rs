@@ -306,30 +306,40 @@ impl Transport {
     /// Sends many messages of one group, each to its `to`, with one write
     /// per peer.
     pub fn send_all(&self, group_id: u64, messages: &[raft::eraftpb::Message]) {
-        let mut peers: Vec<u64> = messages.iter().map(|m| m.to).collect();
-        peers.sort_unstable();
-        peers.dedup();
-        for to in peers {
-            if let Some(link) = self.link(to, group_id) {
-                link.send_many(messages.iter().filter(|m| m.to == to).map(|m| (group_id, m)));
+        // A cluster has a handful of peers: one pass over the messages per
+        // peer, and no allocation on this path of every write.
+        for (&to, peer) in &self.inner.peers {
+            if messages.iter().any(|m| m.to == to) {
+                peer.link
+                    .send_many(messages.iter().filter(|m| m.to == to).map(|m| (group_id, m)));
             }
+        }
+        for m in messages.iter().filter(|m| !self.inner.peers.contains_key(&m.to)) {
+            self.unknown_peer(m.to, group_id);
         }
     }
 
     fn link(&self, to: u64, group_id: u64) -> Option<&Link> {
-        let Some(peer) = self.inner.peers.get(&to) else {
-            self.inner.unknown_dropped.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("trireme_transport_messages_dropped_total", "peer" => to.to_string(), "reason" => "unknown_peer")
-                .increment(1);
-            tracing::debug!(
-                node = self.inner.node_id,
-                to,
-                group_id,
-                "raft message for an unknown peer dropped"
-            );
-            return None;
-        };
-        Some(&peer.link)
+        match self.inner.peers.get(&to) {
+            Some(peer) => Some(&peer.link),
+            None => {
+                self.unknown_peer(to, group_id);
+                None
+            }
+        }
+    }
+
+    /// Counts a message dropped because `to` is not a peer.
+    fn unknown_peer(&self, to: u64, group_id: u64) {
+        self.inner.unknown_dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("trireme_transport_messages_dropped_total", "peer" => to.to_string(), "reason" => "unknown_peer")
+            .increment(1);
+        tracing::debug!(
+            node = self.inner.node_id,
+            to,
+            group_id,
+            "raft message for an unknown peer dropped"
+        );
     }
 
     /// Peers whose link broke, whose connection failed, or whose queue

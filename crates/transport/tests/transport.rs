@@ -344,6 +344,14 @@ async fn raft_messages_flow_in_order_for_every_group_and_batch() {
     // Unknown destinations are dropped and counted.
     a.transport.send(42, 1, raft_msg(1, 42, 0, 0));
     assert_eq!(a.transport.unknown_peer_dropped(), 1);
+    a.transport
+        .send_all(1, &[raft_msg(1, 42, 1, 0), raft_msg(1, 2, 7, 0), raft_msg(1, 43, 2, 0)]);
+    assert_eq!(
+        a.transport.unknown_peer_dropped(),
+        3,
+        "one per message to a node that is no peer"
+    );
+    assert_eq!(recv(&mut b.inbound).await.message.index, 7, "the rest still goes");
     assert!(a.transport.take_unreachable().is_empty());
 }
 
