@@ -173,8 +173,8 @@ impl LogWriter {
 /// Jobs written and not yet synced.
 #[derive(Default)]
 struct Round {
+    /// Each job's `write` is taken once written; its group stays.
     jobs: Vec<LogJob>,
-    groups: Vec<u64>,
     entries: usize,
     bytes: usize,
     must_sync: bool,
@@ -196,23 +196,26 @@ impl Round {
         self.jobs.is_empty()
     }
 
-    /// Writes `jobs` (unsynced) and adds them to the round.
-    fn write(&mut self, store: &dyn RaftLogStore, mut jobs: Vec<LogJob>, m: &Metrics) {
+    /// Writes `jobs` (unsynced), which hold `bytes` of entries, and adds
+    /// them to the round.
+    fn write(&mut self, store: &dyn RaftLogStore, mut jobs: Vec<LogJob>, bytes: usize, m: &Metrics) {
         let mut entries = 0;
-        let mut bytes = 0;
         for j in &jobs {
             entries += j.write.entries.len();
-            bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
             // Followers answer every heartbeat and append through here (their
             // replies may only leave after what came before is durable); most
             // such jobs carry nothing, or only a new commit index, and need
             // no fdatasync.
             self.must_sync |= j.must_sync;
-            self.groups.push(j.write.group);
         }
         let batch: Vec<GroupWrite> = jobs
             .iter_mut()
-            .map(|j| std::mem::take(&mut j.write))
+            .map(|j| {
+                let group = j.write.group;
+                let write = std::mem::take(&mut j.write);
+                j.write.group = group;
+                write
+            })
             .filter(|w| !w.is_empty())
             .collect();
         if !batch.is_empty() {
@@ -238,8 +241,8 @@ impl Round {
 }
 
 /// Takes what is queued without waiting, up to the round's byte bound;
-/// `first` was already received.
-fn drain(rx: &std_mpsc::Receiver<Msg>, first: Option<Msg>, room_bytes: usize) -> Vec<LogJob> {
+/// `first` was already received. The jobs and their bytes of entries.
+fn drain(rx: &std_mpsc::Receiver<Msg>, first: Option<Msg>, room_bytes: usize) -> (Vec<LogJob>, usize) {
     let mut jobs = Vec::new();
     let mut bytes = 0;
     let mut next = first;
@@ -257,7 +260,7 @@ fn drain(rx: &std_mpsc::Receiver<Msg>, first: Option<Msg>, room_bytes: usize) ->
         }
         next = rx.try_recv().ok();
     }
-    jobs
+    (jobs, bytes)
 }
 
 fn run(shared: &Shared) {
@@ -298,9 +301,9 @@ fn run(shared: &Shared) {
                 // Nothing to close yet (an empty round, or a sync running):
                 // wait for a job, or for the syncer's word that it is done.
                 let Ok(first) = rx.recv() else { return };
-                let jobs = drain(&rx, Some(first), MAX_BATCH_BYTES - round.bytes);
+                let (jobs, bytes) = drain(&rx, Some(first), MAX_BATCH_BYTES - round.bytes);
                 if !jobs.is_empty() {
-                    round.write(store, jobs, &m);
+                    round.write(store, jobs, bytes, &m);
                 }
             }
             round
@@ -320,12 +323,12 @@ fn run(shared: &Shared) {
         }
         m.batches.increment(1);
         m.batch_entries.record(round.entries as f64);
-        m.batch_groups.record(round.groups.len() as f64);
+        m.batch_groups.record(round.jobs.len() as f64);
         m.batch_bytes.record(round.bytes as f64);
-        for (j, group) in round.jobs.into_iter().zip(round.groups) {
+        for j in round.jobs {
             // Written to the peers' sockets from this thread: no task
             // wakes up between the fdatasync and the reply leaving.
-            shared.transport.send_all(group, &j.messages_after);
+            shared.transport.send_all(j.write.group, &j.messages_after);
             if let Some(n) = j.number {
                 let _ = j.notify.blocking_send(GroupEvent::Persisted(n));
             }

@@ -203,8 +203,8 @@ impl Node {
         let transport_config = TransportConfig::new(config.node_id, config.cluster_id.clone(), secret, peers);
         let liveness = Arc::new(Liveness::new(config.node_id, nodes.keys().copied()));
         let router = peer::inbound_router(peer_api.clone(), liveness.clone());
-        let (transport, peer_service) = Transport::start_routed(transport_config.clone(), peer_api.clone(), router)
-            .map_err(|e| DaemonError::Config {
+        let (transport, peer_service) =
+            Transport::start_routed(transport_config, peer_api.clone(), router).map_err(|e| DaemonError::Config {
                 path: "cluster".into(),
                 reason: e.to_string(),
             })?;
