@@ -22,7 +22,7 @@
 //! is gone. A round is reported only after every earlier one was, and a
 //! failed sync stops the node before it reports anything.
 
-use std::sync::mpsc as std_mpsc;
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
@@ -47,40 +47,45 @@ const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 /// Threads: one writing while the other syncs.
 const WRITERS: usize = 2;
 
-/// What the writer thread receives.
-// Nearly every message is a job; boxing it would add an allocation to each.
-#[allow(clippy::large_enum_variant)]
-enum Msg {
-    Job(LogJob),
-    /// A sync finished: a writer waiting for its turn takes it.
-    SyncDone,
-}
-
 struct Shared {
     store: Arc<dyn RaftLogStore>,
     transport: Transport,
-    /// Held by the writer of the open round.
-    rx: Mutex<std_mpsc::Receiver<Msg>>,
-    /// For the syncer's wake-up of a writer blocked on an empty queue;
-    /// taken away when the last [`LogWriter`] goes, so the threads end.
-    tx: Mutex<Option<std_mpsc::SyncSender<Msg>>>,
-    turn: Mutex<Turn>,
-    sync_done: Condvar,
+    state: Mutex<State>,
+    /// The writer waits here for jobs, or for the sync before its own to end.
+    intake: Condvar,
+    /// A thread without the writer's role waits here for jobs to take it for.
+    idle: Condvar,
+    /// Submitters wait here while the queue is full.
+    room: Condvar,
 }
 
+/// Who does what. A thread wakes only when it has something to do: a job
+/// arrives for the writer (or, with nobody writing, for an idle thread), or
+/// the sync a writer holding jobs waits for is done. Handing the writer's
+/// role over costs no wake-up when nothing is queued: at queue depth 1 each
+/// round is one wake-up (the job) plus the fdatasync.
 #[derive(Default)]
-struct Turn {
+struct State {
+    queue: VecDeque<LogJob>,
+    /// A thread holds the writer's role: it takes the queued jobs into the
+    /// open round.
+    writing: bool,
+    /// The writer waits on `intake`.
+    writer_waiting: bool,
     /// A round is being synced and reported.
     syncing: bool,
-    /// The writer holds jobs and waits on the queue for its turn: the
-    /// syncer wakes it with [`Msg::SyncDone`].
-    writer_waiting: bool,
+    /// The last [`LogWriter`] is gone: the threads end once idle.
+    closed: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding these locks (a disk error exits the
-    // process instead); the data under them is a flag and a receiver.
+    // Nothing panics while holding this lock (a disk error exits the
+    // process instead); the data under it is a queue and flags.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn wait<'a, T>(c: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    c.wait(g).unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct LogJob {
@@ -102,26 +107,26 @@ pub struct LogWriter {
 }
 
 struct Handle {
-    tx: std_mpsc::SyncSender<Msg>,
     shared: Arc<Shared>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        lock(&self.shared.tx).take();
+        lock(&self.shared.state).closed = true;
+        self.shared.intake.notify_all();
+        self.shared.idle.notify_all();
     }
 }
 
 impl LogWriter {
     pub fn start(store: Arc<dyn RaftLogStore>, transport: Transport) -> std::io::Result<LogWriter> {
-        let (tx, rx) = std_mpsc::sync_channel::<Msg>(QUEUE);
         let shared = Arc::new(Shared {
             store,
             transport,
-            rx: Mutex::new(rx),
-            tx: Mutex::new(Some(tx.clone())),
-            turn: Mutex::new(Turn::default()),
-            sync_done: Condvar::new(),
+            state: Mutex::new(State::default()),
+            intake: Condvar::new(),
+            idle: Condvar::new(),
+            room: Condvar::new(),
         });
         for i in 0..WRITERS {
             let shared = shared.clone();
@@ -130,7 +135,7 @@ impl LogWriter {
                 .spawn(move || run(&shared))?;
         }
         Ok(LogWriter {
-            handle: Arc::new(Handle { tx, shared }),
+            handle: Arc::new(Handle { shared }),
         })
     }
 
@@ -160,12 +165,22 @@ impl LogWriter {
     /// Queues a job. Called from group tasks; the queue is deep, and when it
     /// is full the group waits (backpressure from a slow disk).
     pub fn submit(&self, job: LogJob) {
-        if let Err(std_mpsc::TrySendError::Full(msg)) = self.handle.tx.try_send(Msg::Job(job)) {
+        let shared = &*self.handle.shared;
+        let mut st = lock(&shared.state);
+        if st.queue.len() >= QUEUE {
             // Rare: block this group's task briefly rather than drop a write.
-            let tx = self.handle.tx.clone();
-            tokio::task::block_in_place(move || {
-                let _ = tx.send(msg);
+            st = tokio::task::block_in_place(|| {
+                while st.queue.len() >= QUEUE {
+                    st = wait(&shared.room, st);
+                }
+                st
             });
+        }
+        st.queue.push_back(job);
+        if !st.writing {
+            shared.idle.notify_one();
+        } else if st.writer_waiting {
+            shared.intake.notify_one();
         }
     }
 }
@@ -240,25 +255,16 @@ impl Round {
     }
 }
 
-/// Takes what is queued without waiting, up to the round's byte bound;
-/// `first` was already received. The jobs and their bytes of entries.
-fn drain(rx: &std_mpsc::Receiver<Msg>, first: Option<Msg>, room_bytes: usize) -> (Vec<LogJob>, usize) {
+/// Takes queued jobs, up to the round's byte bound (at least one). The
+/// jobs and their bytes of entries.
+fn drain(queue: &mut VecDeque<LogJob>, room_bytes: usize) -> (Vec<LogJob>, usize) {
     let mut jobs = Vec::new();
     let mut bytes = 0;
-    let mut next = first;
-    loop {
-        match next {
-            Some(Msg::Job(j)) => {
-                bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
-                jobs.push(j);
-            }
-            Some(Msg::SyncDone) => {}
-            None => break,
-        }
-        if bytes >= room_bytes {
-            break;
-        }
-        next = rx.try_recv().ok();
+    while bytes < room_bytes
+        && let Some(j) = queue.pop_front()
+    {
+        bytes += j.write.entries.iter().map(|e| e.data.len()).sum::<usize>();
+        jobs.push(j);
     }
     (jobs, bytes)
 }
@@ -280,31 +286,44 @@ fn run(shared: &Shared) {
         // round as they come, until no sync is running and the round holds
         // something; then it closes the round and syncs it.
         let round = {
-            let rx = lock(&shared.rx);
+            let mut st = lock(&shared.state);
+            while st.writing || st.queue.is_empty() {
+                if st.closed && st.queue.is_empty() {
+                    return;
+                }
+                st = wait(&shared.idle, st);
+            }
+            st.writing = true;
             let mut round = Round::default();
             loop {
-                let mut turn = lock(&shared.turn);
-                if !round.is_empty() && !turn.syncing {
-                    turn.syncing = true;
-                    turn.writer_waiting = false;
+                if !round.is_empty() && !st.syncing {
+                    st.syncing = true;
+                    st.writing = false;
+                    if !st.queue.is_empty() {
+                        // Jobs for the next round: the other thread takes them.
+                        shared.idle.notify_one();
+                    }
                     break;
                 }
-                if round.bytes >= MAX_BATCH_BYTES {
-                    // Full: wait for the turn only.
-                    while turn.syncing {
-                        turn = shared.sync_done.wait(turn).unwrap_or_else(|p| p.into_inner());
+                if st.queue.is_empty() || round.bytes >= MAX_BATCH_BYTES {
+                    if st.closed && round.is_empty() {
+                        st.writing = false;
+                        return;
                     }
+                    // A sync is running: wait for jobs to add, or for its end.
+                    st.writer_waiting = true;
+                    st = wait(&shared.intake, st);
+                    st.writer_waiting = false;
                     continue;
                 }
-                turn.writer_waiting = !round.is_empty();
-                drop(turn);
-                // Nothing to close yet (an empty round, or a sync running):
-                // wait for a job, or for the syncer's word that it is done.
-                let Ok(first) = rx.recv() else { return };
-                let (jobs, bytes) = drain(&rx, Some(first), MAX_BATCH_BYTES - round.bytes);
-                if !jobs.is_empty() {
-                    round.write(store, jobs, bytes, &m);
+                let was_full = st.queue.len() >= QUEUE;
+                let (jobs, bytes) = drain(&mut st.queue, MAX_BATCH_BYTES - round.bytes);
+                if was_full {
+                    shared.room.notify_all();
                 }
+                drop(st);
+                round.write(store, jobs, bytes, &m);
+                st = lock(&shared.state);
             }
             round
         };
@@ -333,16 +352,11 @@ fn run(shared: &Shared) {
                 let _ = j.notify.blocking_send(GroupEvent::Persisted(n));
             }
         }
-        let wake = {
-            let mut turn = lock(&shared.turn);
-            turn.syncing = false;
-            std::mem::take(&mut turn.writer_waiting)
-        };
-        shared.sync_done.notify_all();
-        // A writer that holds jobs and waits on the queue learns its turn
-        // came. (A full queue means it is not blocked.)
-        if wake && let Some(tx) = lock(&shared.tx).as_ref() {
-            let _ = tx.try_send(Msg::SyncDone);
+        let mut st = lock(&shared.state);
+        st.syncing = false;
+        if st.writer_waiting {
+            // The writer holds jobs (or waits for some): its turn came.
+            shared.intake.notify_one();
         }
     }
 }
