@@ -525,6 +525,67 @@ fn leader_reads_ride_the_lease_until_leadership_moves() -> Result<()> {
     Ok(())
 }
 
+/// Leadership follows the consumer after a failover too, not only at
+/// attach: the attached node is SIGSTOPped until another replica is elected,
+/// then resumed; once its replica has caught up, leadership comes back to it
+/// without a new attach, and its session's writes and reads still work.
+#[test]
+fn leadership_returns_to_the_attached_node() -> Result<()> {
+    const NAME: &str = "repl-return";
+    let _serial = serial_lock(SERIAL, SERIAL_WAIT)?;
+    let (cluster, info) = three_nodes(NAME)?;
+    let vol = cluster.volume().to_string();
+    let home = followers(&cluster, info.leader)[0];
+    attach(&cluster, home, 1)?;
+    let b = BLOCK as usize;
+    let a = pattern(3, 0, b);
+    {
+        let (mut s, _) = nbd::open(&cluster.node_by_id(home)?.nbd, &vol)?;
+        s.pwrite(1, 0, &a, 0).context("write on the attached node")?;
+    }
+
+    cluster.signal_node_id(home, Sig::SIGSTOP)?;
+    let away = cluster.wait_volume(Duration::from_secs(20), "a leader other than the stopped node", |v| {
+        v.leader != 0 && v.leader != home
+    });
+    cluster.signal_node_id(home, Sig::SIGCONT)?;
+    let away = away?;
+    eprintln!(
+        "[{NAME}] node {home} stopped: node {} took over (term {}); resumed",
+        away.leader, away.term
+    );
+    ensure!(
+        away.attached_node == home,
+        "the stop moved the attachment to node {}",
+        away.attached_node
+    );
+
+    let back_at = Instant::now();
+    let back = cluster.wait_volume(
+        Duration::from_secs(30),
+        &format!("leadership to come back to attached node {home}"),
+        |v| v.leader == home,
+    )?;
+    eprintln!(
+        "[{NAME}] leadership back on node {home} {} ms after it resumed (term {})",
+        back_at.elapsed().as_millis(),
+        back.term
+    );
+    let (mut s, _) = nbd::open(&cluster.node_by_id(home)?.nbd, &vol)?;
+    ensure!(
+        s.pread(1, 0, BLOCK as u32)? == a,
+        "node {home} lost the write it acknowledged before the stop"
+    );
+    let c = pattern(3, 1, b);
+    s.pwrite(2, 0, &c, 0)
+        .context("write on the attached node after leadership came back")?;
+    ensure!(
+        s.pread(3, 0, BLOCK as u32)? == c,
+        "node {home} did not read back its own write"
+    );
+    Ok(())
+}
+
 #[test]
 fn fencing_old_session_gets_eperm() -> Result<()> {
     const NAME: &str = "repl-fencing";

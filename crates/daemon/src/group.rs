@@ -13,8 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 use trireme_raftlog::GroupWrite;
 use trireme_replica::raft::StateRole;
-use trireme_replica::raft::eraftpb::{Message, MessageType};
-use trireme_replica::{ApplyError, ExtentData, Output, Proposal, ProposeError, Replica, Segment, VolumeOp, receipt_of};
+use trireme_replica::raft::eraftpb::{ConfState, Message, MessageType};
+use trireme_replica::{
+    ApplyError, ExtentData, Output, PersistTask, Proposal, ProposeError, Replica, Segment, VolumeOp, receipt_of,
+};
 use trireme_storage::uring::UringStore;
 use trireme_storage::{BlockStore, ZeroMode};
 use trireme_transport::Transport;
@@ -89,6 +91,9 @@ const VOTE_HOLD_AFTER_START: Duration = Duration::from_millis(1000);
 /// target's forced campaign may come late (a slow MsgTimeoutNow), after
 /// raft gave up waiting for it (one election timeout).
 const LEASE_HOLD_AFTER_TRANSFER: Duration = Duration::from_millis(3000);
+/// A leader off the attached node hands leadership back at most this often
+/// (see `return_leadership`).
+const LEADER_RETURN_INTERVAL: Duration = Duration::from_secs(5);
 /// Entries the leader keeps for a lagging follower before compacting past
 /// it anyway (it then needs a snapshot).
 const MAX_RETAINED_ENTRIES: u64 = 200_000;
@@ -379,8 +384,8 @@ struct Install {
     /// The epoch and attached node as of `index` the leader stamped on the
     /// snapshot (None: ask the replicas).
     epoch: Option<(u64, u64)>,
-    persist: Option<trireme_replica::PersistTask>,
-    conf_state: Option<trireme_replica::raft::eraftpb::ConfState>,
+    persist: Option<PersistTask>,
+    conf_state: Option<ConfState>,
     /// The copy waits for a destage in flight: its old extents must not
     /// land over copied blocks.
     copy_started: bool,
@@ -393,6 +398,13 @@ struct Driver {
     /// The install's log write (its Ready number) and the state to record
     /// once it is durable; no campaign before then.
     install_persist: Option<(u64, crate::catalog::AppliedState)>,
+    /// Ready numbers handed to the log writer and not yet durable, oldest first.
+    persisting: VecDeque<u64>,
+    /// The newest Ready that had nothing to make durable (see
+    /// [`Driver::persist_or_skip`]), waiting for an earlier one's write.
+    persist_deferred: u64,
+    /// The hard state of a skipped Ready, written with the next log write.
+    hard_state_unwritten: Option<trireme_replica::raft::eraftpb::HardState>,
     /// Reads waiting for the next ReadIndex round, and the rounds asked:
     /// one round confirms every read that arrived before it was asked.
     unindexed: Vec<u64>,
@@ -447,6 +459,8 @@ struct Driver {
     election_heard: bool,
     /// A leader whose node liveness reported down, until a new leader is known.
     dead_leader: Option<u64>,
+    /// When this leader last handed leadership back to the attached node.
+    last_leader_return: Option<Instant>,
     last_campaign: Option<Instant>,
     metrics: GroupMetrics,
     /// Leader only: when recent indexes were proposed (RPO and lag ages).
@@ -532,6 +546,9 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         status: status.clone(),
         installing: None,
         install_persist: None,
+        persisting: VecDeque::new(),
+        persist_deferred: 0,
+        hard_state_unwritten: None,
         unindexed: Vec::new(),
         read_batches: HashMap::new(),
         lease: None,
@@ -558,6 +575,7 @@ pub fn spawn(setup: GroupSetup) -> GroupHandle {
         hibernating: false,
         election_heard: false,
         dead_leader: None,
+        last_leader_return: None,
         last_campaign: None,
         metrics: GroupMetrics::new(&setup_volume),
         clock: IndexClock::default(),
@@ -654,6 +672,51 @@ impl Driver {
     /// lowest-id live voter. Repeated from the tick (every few ticks) until
     /// someone leads: a voter whose own liveness noticed the death a moment
     /// later may have refused the first try.
+    fn transfer_leadership(&mut self, to: u64) {
+        if self.replica.is_leader() && to != self.replica.id() {
+            // The target's campaign overrides every follower's leader
+            // lease, so this leader's read lease ends now.
+            self.lease = None;
+            self.lease_hold_until = Some(Instant::now() + LEASE_HOLD_AFTER_TRANSFER);
+            self.replica.transfer_leader(to);
+        }
+    }
+
+    /// Leadership follows the consumer (DESIGN.md 7), not only at attach: a
+    /// leader elected elsewhere (its predecessor's node restarted, or an
+    /// election while the attached node was out of reach) hands leadership
+    /// back to the attached node once that node is alive and its replica
+    /// holds the whole log. Otherwise every write of the consumer takes an
+    /// extra hop, here and back, for as long as this node stays up. At most
+    /// once per [`LEADER_RETURN_INTERVAL`], so a node that cannot keep
+    /// leadership is not handed it over and over.
+    fn return_leadership(&mut self) {
+        let attached = self.replica.state().attached_node;
+        if !self.replica.is_leader()
+            || self.replica.is_transferring()
+            || attached == 0
+            || attached == self.replica.id()
+            || !self.liveness.is_alive(attached)
+            || self
+                .last_leader_return
+                .is_some_and(|t| t.elapsed() < LEADER_RETURN_INTERVAL)
+        {
+            return;
+        }
+        let last = self.replica.last_index();
+        if !self
+            .replica
+            .progress()
+            .iter()
+            .any(|(id, matched, _)| *id == attached && *matched == last)
+        {
+            return;
+        }
+        self.last_leader_return = Some(Instant::now());
+        info!(group = self.group_id, volume = %self.volume, to = attached, "handing leadership back to the attached node");
+        self.transfer_leadership(attached);
+    }
+
     fn campaign_for_dead_leader(&mut self) {
         let Some(dead) = self.dead_leader else { return };
         let leader = self.replica.leader_id();
@@ -773,18 +836,30 @@ impl Driver {
         if !settled {
             return false;
         }
-        let leader = self.replica.leader_id();
         if self.replica.is_leader() {
             let last = self.replica.last_index();
             self.quiet_ticks >= LEADER_IDLE_TICKS
                 && self.replica.commit_index() == last
                 && self.replica.progress().iter().all(|(_, matched, _)| *matched == last)
         } else {
-            leader != 0
-                && !self.election_heard
-                && self.quiet_ticks >= FOLLOWER_QUIET_TICKS
-                && self.liveness.is_alive(leader)
+            self.leader_hibernating()
         }
+    }
+
+    /// A follower's leader, on a live node, has gone quiet: it hibernated.
+    /// Such a follower hibernates too once settled; until then (a destage
+    /// or checkpoint still to finish) it ticks for them, but its election
+    /// clock stands still as if it hibernated: a leader that hibernates
+    /// first would otherwise lose its leadership to an election a second
+    /// later, and with it the attached node its local writes. A dead
+    /// leader's node is left by liveness (`on_node_change`).
+    fn leader_hibernating(&self) -> bool {
+        let leader = self.replica.leader_id();
+        !self.replica.is_leader()
+            && leader != 0
+            && !self.election_heard
+            && self.quiet_ticks >= FOLLOWER_QUIET_TICKS
+            && self.liveness.is_alive(leader)
     }
 
     fn stop(&mut self) {
@@ -826,6 +901,71 @@ impl Driver {
     }
 
     /// A log write that no Ready waits for (membership, destage point).
+    /// Hands a Ready's log write to the log writer, unless the Ready only
+    /// moved the commit index: then nothing in it must be durable (raft's
+    /// `must_sync` is false: no entries, snapshot, term or vote), and with
+    /// no earlier write of this group in flight it is acknowledged here,
+    /// its messages sent at once. At queue depth 1 every commit on a leader
+    /// was such a Ready, and each cost a log round: a wake-up of a log
+    /// thread, a write, and a wake-up of this task for its Persisted. The
+    /// commit index it carries rides with the group's next log write; one
+    /// lost in a crash is learned again from the leader, and volume.state
+    /// restores the part this replica destaged (catalog.rs).
+    fn persist_or_skip(&mut self, task: PersistTask, conf_state: Option<ConfState>) {
+        let nothing_durable =
+            task.entries.is_empty() && task.snapshot.is_none() && !task.must_sync && conf_state.is_none();
+        if nothing_durable && (self.persisting.is_empty() || task.messages_after.is_empty()) {
+            if let Some(hs) = task.hard_state {
+                self.hard_state_unwritten = Some(hs);
+            }
+            if self.persisting.is_empty() {
+                self.transport.send_all(self.group_id, &task.messages_after);
+                self.on_persisted(task.number);
+            } else {
+                // Acknowledged with the write in flight before it: raft takes
+                // Ready numbers as "this one and all before it".
+                self.persist_deferred = task.number;
+            }
+            return;
+        }
+        if let (Some(first), Some(last)) = (task.entries.first(), task.entries.last()) {
+            debug!(
+                group = self.group_id,
+                number = task.number,
+                first = first.index,
+                last = last.index,
+                "log write submitted"
+            );
+        }
+        self.logged_bytes += task.entries.iter().map(|e| e.data.len() as u64).sum::<u64>();
+        let must_sync = task.must_sync || conf_state.is_some();
+        let write = GroupWrite {
+            group: self.group_id,
+            entries: task.entries,
+            hard_state: task.hard_state,
+            conf_state,
+            ..GroupWrite::default()
+        };
+        self.submit_persist(write, task.number, task.messages_after, must_sync);
+    }
+
+    /// Queues the log write of Ready `number`, with the hard state of a
+    /// skipped Ready if this one has none of its own (a newer one replaces it).
+    fn submit_persist(&mut self, mut write: GroupWrite, number: u64, messages_after: Vec<Message>, must_sync: bool) {
+        let unwritten = self.hard_state_unwritten.take();
+        if write.hard_state.is_none() {
+            write.hard_state = unwritten;
+        }
+        self.persisting.push_back(number);
+        self.log.submit(LogJob {
+            write,
+            number: Some(number),
+            messages_after,
+            must_sync,
+            notify: self.tx.clone(),
+        });
+    }
+
     fn log_write(&self, write: GroupWrite) {
         self.log.submit(LogJob {
             write,
@@ -995,15 +1135,7 @@ impl Driver {
                 let _ = reply.send(r);
             }
             GroupEvent::Installed { index, result } => self.on_installed(index, result),
-            GroupEvent::TransferLeader(to) => {
-                if self.replica.is_leader() && to != self.replica.id() {
-                    // The target's campaign overrides every follower's
-                    // leader lease, so this leader's read lease ends now.
-                    self.lease = None;
-                    self.lease_hold_until = Some(Instant::now() + LEASE_HOLD_AFTER_TRANSFER);
-                    self.replica.transfer_leader(to);
-                }
-            }
+            GroupEvent::TransferLeader(to) => self.transfer_leadership(to),
             GroupEvent::Persisted(number) => self.on_persisted(number),
             GroupEvent::Destaged {
                 index,
@@ -1158,10 +1290,11 @@ impl Driver {
     fn on_tick(&mut self) {
         // No elections while a snapshot is being installed: raft would look
         // for entries below the snapshot that are already gone.
-        if self.installing.is_none() && self.install_persist.is_none() {
+        if self.installing.is_none() && self.install_persist.is_none() && !self.leader_hibernating() {
             self.replica.tick();
         }
         self.campaign_for_dead_leader();
+        self.return_leadership();
         let now = Instant::now();
         self.retry_unconfirmed_reads("read index not confirmed in time", |r| {
             now.duration_since(r.asked) > READ_INDEX_TIMEOUT
@@ -1282,30 +1415,7 @@ impl Driver {
             }
         }
         if let Some(task) = persist {
-            if let (Some(first), Some(last)) = (task.entries.first(), task.entries.last()) {
-                debug!(
-                    group = self.group_id,
-                    number = task.number,
-                    first = first.index,
-                    last = last.index,
-                    "log write submitted"
-                );
-            }
-            self.logged_bytes += task.entries.iter().map(|e| e.data.len() as u64).sum::<u64>();
-            let write = GroupWrite {
-                group: self.group_id,
-                entries: task.entries,
-                hard_state: task.hard_state,
-                conf_state: out.conf_state.clone(),
-                ..GroupWrite::default()
-            };
-            self.log.submit(LogJob {
-                write,
-                number: Some(task.number),
-                messages_after: task.messages_after,
-                must_sync: task.must_sync || out.conf_state.is_some(),
-                notify: self.tx.clone(),
-            });
+            self.persist_or_skip(task, out.conf_state.clone());
         } else if let Some(cs) = out.conf_state.clone().filter(|_| self.installing.is_none()) {
             let write = GroupWrite {
                 group: self.group_id,
@@ -1641,19 +1751,24 @@ impl Driver {
                     attached_node: attached,
                 },
             ));
-            self.log.submit(LogJob {
-                write,
-                number: Some(task.number),
-                messages_after: task.messages_after,
-                must_sync: true,
-                notify: self.tx.clone(),
-            });
+            self.submit_persist(write, task.number, task.messages_after, true);
         }
     }
 
     /// The install's log write is durable: raft may go on, and volume.state
     /// may now say the image holds the snapshot point.
     fn on_persisted(&mut self, number: u64) {
+        while self.persisting.front().is_some_and(|&n| n <= number) {
+            self.persisting.pop_front();
+        }
+        // A skipped Ready after this write, and before the next one in
+        // flight, is durable with it.
+        let number =
+            if self.persist_deferred > number && self.persisting.front().is_none_or(|&n| self.persist_deferred < n) {
+                self.persist_deferred
+            } else {
+                number
+            };
         debug!(group = self.group_id, number, "log write durable");
         self.replica.on_persisted(number);
         if let Some((n, state)) = self.install_persist
