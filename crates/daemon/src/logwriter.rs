@@ -360,3 +360,99 @@ fn run(shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use trireme_raftlog::{HardState, MemLog};
+    use trireme_transport::{CatalogChange, ForwardReply, ForwardRequest, PeerHandler, TransportConfig};
+
+    use super::*;
+
+    struct NoPeers;
+
+    #[tonic::async_trait]
+    impl PeerHandler for NoPeers {
+        async fn forward(&self, _from: u64, _req: ForwardRequest) -> ForwardReply {
+            ForwardReply::default()
+        }
+        async fn catalog(&self, _from: u64, _change: CatalogChange) -> Result<(), tonic::Status> {
+            Ok(())
+        }
+    }
+
+    /// Many groups submitting at once, from runtime tasks, with small event
+    /// queues (so reporting blocks now and then): every job is reported
+    /// once, in order per group, and the last write of each group is the
+    /// one the log holds. A lost wake-up between the two threads' roles
+    /// would leave jobs unreported and fail the deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_job_is_reported_once_and_in_order() {
+        const GROUPS: u64 = 6;
+        // Fewer jobs in all than the queue's bound: a submitter blocked on a
+        // full queue would hold the runtime's shutdown, and a failure here
+        // must end the test, not hang it.
+        const JOBS: u64 = 1000;
+        let config = TransportConfig::new(1, "logwriter-test", "a-secret-of-16-chars", BTreeMap::new());
+        let (transport, _inbound, _server) = Transport::start(config, Arc::new(NoPeers)).expect("transport");
+        let store = Arc::new(MemLog::new());
+        let log = LogWriter::start(store.clone(), transport).expect("log writer");
+        let mut collectors = Vec::new();
+        for group in 1..=GROUPS {
+            let (tx, mut rx) = mpsc::channel(4);
+            let log = log.clone();
+            tokio::spawn(async move {
+                for n in 1..=JOBS {
+                    log.submit(LogJob {
+                        write: GroupWrite {
+                            group,
+                            hard_state: Some(HardState {
+                                term: 1,
+                                commit: n,
+                                ..Default::default()
+                            }),
+                            ..GroupWrite::default()
+                        },
+                        number: Some(n),
+                        messages_after: Vec::new(),
+                        must_sync: n % 3 != 0,
+                        notify: tx.clone(),
+                    });
+                    if n % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+            collectors.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while seen.len() < JOBS as usize {
+                    match rx.recv().await {
+                        Some(GroupEvent::Persisted(n)) => seen.push(n),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                seen
+            }));
+        }
+        for (group, c) in (1..=GROUPS).zip(collectors) {
+            let seen = tokio::time::timeout(Duration::from_secs(20), c)
+                .await
+                .unwrap_or_else(|_| panic!("group {group}: not every job was reported within 20 s"))
+                .expect("collector");
+            assert_eq!(
+                seen,
+                (1..=JOBS).collect::<Vec<_>>(),
+                "group {group}: reports out of order or missing"
+            );
+            let held = store.load(group).expect("load").expect("group state");
+            assert_eq!(
+                held.hard_state.commit, JOBS,
+                "group {group}: the log holds an older write last"
+            );
+        }
+        assert!(store.sync_count() > 0, "no round was synced");
+    }
+}
